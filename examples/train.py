@@ -1,0 +1,172 @@
+"""A small, real DDP training script that shows the hpc_elastic worker contract.
+
+It runs unchanged under ``torchrun`` or under hpc_elastic's agent:
+
+* **Distributed setup** comes from the usual torchrun environment (RANK, WORLD_SIZE,
+  MASTER_ADDR/PORT, ...): ``init_process_group`` with gloo on CPU, NCCL on GPUs.
+* **Checkpoints**: rank 0 writes ``last.pt`` atomically (temp file + rename) at the end of every
+  epoch, and every rank resumes from it on start. That is what makes restarts and requeues cheap.
+  The directory is ``--checkpoint-dir``, else ``$HPC_ELASTIC_CHECKPOINT_DIR`` (set by the agent
+  to ``<jobdir>/checkpoints``), else ``./checkpoints``.
+* **Preemption contract**: when Slurm is about to stop the job, the agent forwards the job's
+  preemption signal (``$HPC_ELASTIC_PREEMPT_SIGNAL``, default SIGUSR1) to every worker. The
+  script only sets a flag in the handler; at the next step all ranks agree (an all_reduce of the
+  flag, so no rank stops alone and hangs the others), rank 0 writes a mid-epoch checkpoint, and
+  the workers exit 0. The agent then requeues the job, and the next attempt resumes here.
+* **Failure injection** for demos and tests: ``--fail-at-step N --fail-rank R`` raises an
+  exception on that rank at that global step, only in the first attempt and restart, so the
+  restarted group gets past it. ``@record`` puts the traceback into ``error.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.nn.parallel import DistributedDataParallel
+
+FEATURES = 16
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps-per-epoch", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--step-sleep", type=float, default=0.0,
+                        help="seconds to sleep per step, to make a short run observable")
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--fail-at-step", type=int, default=-1,
+                        help="inject an exception at this global step (first attempt only)")
+    parser.add_argument("--fail-rank", type=int, default=0)
+    parser.add_argument("--fail-always", action="store_true",
+                        help="inject the failure in every restart, not only the first")
+    return parser.parse_args()
+
+
+class PreemptionFlag:
+    """Set by the preemption signal; read at step boundaries (signal handlers stay tiny)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        name = os.environ.get("HPC_ELASTIC_PREEMPT_SIGNAL", "USR1").upper().removeprefix("SIG")
+        signal.signal(getattr(signal, "SIG" + name), self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank got the signal."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    chosen = args.checkpoint_dir or os.environ.get("HPC_ELASTIC_CHECKPOINT_DIR", "checkpoints")
+    return Path(chosen)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write-then-rename so a crash mid-save never leaves a half checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def synthetic_batch(epoch: int, step: int, rank: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """Deterministic data per (epoch, step, rank): a noisy linear target the model can learn."""
+    gen = torch.Generator().manual_seed(epoch * 100_003 + step * 101 + rank)
+    x = torch.randn(batch, FEATURES, generator=gen)
+    true_w = torch.linspace(-1.0, 1.0, FEATURES).unsqueeze(1)
+    y = x @ true_w + 0.01 * torch.randn(batch, 1, generator=gen)
+    return x, y
+
+
+def emit_metric(name: str, value: float) -> None:
+    """Report a metric through hpc_elastic when it is installed; a no-op elsewhere."""
+    try:
+        from hpc_elastic.telemetry.worker_metrics import put_metric
+    except ImportError:
+        return
+    put_metric(name, value)
+
+
+@record
+def main() -> None:
+    args = parse_args()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    attempt = int(os.environ.get("HPC_ELASTIC_ATTEMPT", os.environ.get("SLURM_RESTART_COUNT", "0")))
+    preemption = PreemptionFlag()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 1))
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr)
+
+    ckpt_path = checkpoint_dir(args) / "last.pt"
+    epoch, step_in_epoch, global_step = 0, 0, 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch, step_in_epoch, global_step = state["epoch"], state["step"], state["global_step"]
+    print(f"rank {rank}/{world}: attempt {attempt} restart {restart}, starting at epoch {epoch} "
+          f"step {step_in_epoch} (global step {global_step})", flush=True)
+
+    def snapshot(next_epoch: int, next_step: int) -> dict:
+        return {"epoch": next_epoch, "step": next_step, "global_step": global_step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    inject = args.fail_at_step >= 0 and rank == args.fail_rank and (
+        args.fail_always or (restart == 0 and attempt == 0))
+    last_loss = float("nan")
+    while epoch < args.epochs:
+        started = time.monotonic()
+        for step in range(step_in_epoch, args.steps_per_epoch):
+            if preemption.agreed():
+                if rank == 0:
+                    save_checkpoint(ckpt_path, snapshot(epoch, step))
+                print(f"rank {rank}: preemption signal, checkpointed at epoch {epoch} step "
+                      f"{step} (global step {global_step}); exiting for requeue", flush=True)
+                dist.destroy_process_group()
+                return
+            if inject and global_step == args.fail_at_step:
+                raise RuntimeError(f"injected failure at global step {global_step} on rank {rank}")
+            x, y = synthetic_batch(epoch, step, rank, args.batch_size)
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            optimizer.step()
+            last_loss = loss.item()
+            global_step += 1
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
+        epoch, step_in_epoch = epoch + 1, 0
+        elapsed = time.monotonic() - started
+        emit_metric("loss", last_loss)
+        emit_metric("samples_per_s", args.steps_per_epoch * args.batch_size / max(elapsed, 1e-9))
+        if rank == 0:
+            save_checkpoint(ckpt_path, snapshot(epoch, 0))
+            print(f"epoch {epoch - 1} done: loss {last_loss:.4f}, checkpoint {ckpt_path}",
+                  flush=True)
+        dist.barrier()
+    print(f"rank {rank}: training finished at global step {global_step}, "
+          f"final loss {last_loss:.4f}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

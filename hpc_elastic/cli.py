@@ -1,0 +1,181 @@
+"""The command-line front door: ``hpc-elastic`` / ``python -m hpc_elastic``.
+
+Each command is one small function that parses nothing itself; the heavy modules (torch, submitit)
+are imported inside the command so that ``--help`` stays instant.
+
+Exit codes: 0 success, 1 the job or check failed, 2 bad input (config, arguments),
+3 the command is not available yet in this version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from hpc_elastic import __version__
+from hpc_elastic.config import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_NOT_AVAILABLE = 3
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one paragraph, exit code 2."""
+
+
+def _not_yet(what: str, issue: str) -> Command:
+    def command(args: argparse.Namespace) -> int:
+        print(
+            f"hpc-elastic {args.command}: {what} is not available yet in version {__version__} "
+            f"({issue}). Nothing was done.",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_AVAILABLE
+
+    return command
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hpc_elastic.config import load_config
+
+    config = load_config(args.job_file, args.set)
+    print(
+        f"{args.job_file}: configuration is valid (job '{config.name}', nodes {config.nodes}, "
+        f"{config.nproc_per_node} worker(s) per node).",
+        file=sys.stderr,
+    )
+    return _not_yet("submitting", "submission lands with the submit issue")(args)
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
+
+_DESCRIPTION = """\
+Fault-tolerant, elastic PyTorch training on Slurm: one torch elastic agent per node,
+agents meet through a shared directory (no etcd, no port to guess), every node writes
+JSON-lines logs into the job directory, and the 'logs' commands explain what happened."""
+
+_EPILOG = """\
+examples:
+  hpc-elastic init --template cpu          write a starter job.yaml
+  hpc-elastic submit job.yaml --dry-run    show the batch script, submit nothing
+  hpc-elastic submit job.yaml --local      run on this machine with simulated nodes
+  hpc-elastic logs summary jobs/demo-...   what happened, after the run
+
+exit codes: 0 ok, 1 the job or a check failed, 2 bad input, 3 not available yet."""
+
+
+def _job_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB", help="a Slurm job id or a job directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-elastic",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hpc_elastic {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "submit",
+        help="submit a job from a YAML file (Slurm, or --local on this machine)",
+        description="Validate JOB_FILE, create the job directory, render the batch script "
+        "through submitit and submit it with sbatch (one agent per node). Without Slurm on "
+        "this machine, or with --local, the job runs here with simulated nodes.",
+    )
+    p.add_argument("job_file", metavar="JOB_FILE", help="the job's YAML file")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, dotted for sections: --set nodes=2:4 --set slurm.partition=gpu "
+        "(repeatable)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+    p.add_argument("--local", action="store_true", help="run on this machine, nodes simulated")
+    p.add_argument(
+        "--wait", action="store_true", help="follow the job to its end; exit 0 only on success"
+    )
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "agent",
+        help="the per-node launcher that srun starts (you rarely call it yourself)",
+        description="Run one node's elastic agent for the job in JOBDIR: join the shared "
+        "rendezvous, start the workers, restart them on failure, write the node's logs.",
+    )
+    p.add_argument("jobdir", metavar="JOBDIR", help="the job directory created by 'submit'")
+    p.set_defaults(func=_not_yet("the per-node agent", "it lands with the agent issue"))
+
+    p = sub.add_parser(
+        "status",
+        help="queue state and what the agents report (nodes up, restarts, last failure)",
+        description="Show a job's state from squeue, sacct and the job directory.",
+    )
+    _job_arg(p)
+    p.set_defaults(func=_not_yet("'status'", "it lands with the submit issue"))
+
+    p = sub.add_parser("cancel", help="stop a job cleanly: agents, workers and the allocation")
+    _job_arg(p)
+    p.set_defaults(func=_not_yet("'cancel'", "it lands with the submit issue"))
+
+    p = sub.add_parser("list", help="list the jobs under the job root, newest first")
+    p.add_argument("--root", default="./jobs", help="the job root directory (default: ./jobs)")
+    p.set_defaults(func=_not_yet("'list'", "it lands with the submit issue"))
+
+    logs = sub.add_parser(
+        "logs",
+        help="post-run analysis of a job's logs: summary, timeline, failures, metrics, plot",
+        description="Read a job directory's JSON-lines logs and explain what happened.",
+    )
+    logs_sub = logs.add_subparsers(dest="logs_command", metavar="WHAT", required=True)
+    for name, text in [
+        ("summary", "outcome, time split, rendezvous rounds, restarts, failures"),
+        ("timeline", "all nodes' events merged in time order"),
+        ("failures", "each failure with its root cause and the failing rank's stderr"),
+        ("metrics", "count, mean, p50, p95, max per metric"),
+        ("plot", "a PNG timeline and metric curves (needs the 'plot' extra)"),
+    ]:
+        lp = logs_sub.add_parser(name, help=text, description=text.capitalize() + ".")
+        _job_arg(lp)
+        lp.add_argument("--json", action="store_true", help="machine-readable output")
+        lp.set_defaults(func=_not_yet(f"'logs {name}'", "it lands with the analysis issue"))
+
+    p = sub.add_parser("init", help="write a starter job.yaml from a template")
+    p.add_argument("--template", default="cpu", help="template name (default: cpu)")
+    p.set_defaults(func=_not_yet("'init'", "templates land with the submit issue"))
+
+    p = sub.add_parser(
+        "doctor", help="preflight checks: shared dir, locks, clocks, versions, Slurm commands"
+    )
+    p.add_argument("--dir", default=".", help="the shared directory to check (default: .)")
+    p.set_defaults(func=_not_yet("'doctor'", "it lands with the submit issue"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

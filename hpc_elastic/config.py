@@ -1,0 +1,461 @@
+"""Job configuration: one YAML file describes one job.
+
+Why a hand-written validator instead of a schema library: the errors are the product here. A user
+with a typo in ``slurm.partiton`` must get one paragraph that names the file, the line, the key and
+the fix, never a traceback from deep inside yaml. The schema is the dataclasses below; the
+validator walks them generically, so adding a key means adding one typed field with a default.
+
+Public entry points: :func:`load_config` (file + ``--set`` overrides), :func:`config_from_dict`
+(the resolved config an agent reads back) and :meth:`JobConfig.to_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import signal
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A job configuration problem, worded for the person who wrote the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# The schema. Every optional key has a default; docs/configuration.md documents each one.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entrypoint:
+    """What each worker runs: a script path or a module (``-m``), plus its arguments."""
+
+    script: str | None = None
+    module: str | None = None
+    args: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        """The argv after ``python``: ``[script, *args]`` or ``['-m', module, *args]``."""
+        head = [self.script] if self.script else ["-m", str(self.module)]
+        return [*head, *self.args]
+
+
+@dataclass
+class SlurmOptions:
+    """Options that become ``#SBATCH`` lines; ``sbatch`` passes any other key through untouched."""
+
+    partition: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    gpus_per_node: int | None = None
+    sbatch: dict[str, str] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RendezvousOptions:
+    """Shared-filesystem rendezvous settings (seconds). ``directory`` defaults to the job dir's."""
+
+    directory: str | None = None
+    join_timeout: float = 600.0
+    last_call_timeout: float = 2.0
+    close_timeout: float = 30.0
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0
+
+
+@dataclass
+class PreemptionOptions:
+    """How Slurm warns of the end (preemption or time limit) and what the agent does then."""
+
+    signal: str = "USR1"
+    grace: int = 60
+    requeue: bool = True
+
+
+@dataclass
+class JobConfig:
+    """One job. ``nodes`` is kept as written ("2", "1:3"); use ``min_nodes``/``max_nodes``."""
+
+    name: str
+    entrypoint: Entrypoint
+    nodes: str = "1"
+    nproc_per_node: int = 1
+    max_restarts: int = 3
+    monitor_interval: float = 0.5
+    job_root: str = "./jobs"
+    env: dict[str, str] = field(default_factory=dict)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    rendezvous: RendezvousOptions = field(default_factory=RendezvousOptions)
+    preemption: PreemptionOptions = field(default_factory=PreemptionOptions)
+
+    @property
+    def min_nodes(self) -> int:
+        return parse_nodes(self.nodes)[0]
+
+    @property
+    def max_nodes(self) -> int:
+        return parse_nodes(self.nodes)[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes != self.max_nodes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML file, apply ``key.sub=value`` overrides, validate, resolve paths.
+
+    Relative paths in the file (the script, ``job_root``, ``rendezvous.directory``) are taken
+    relative to the file's directory, so a job runs the same from any working directory.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file. Check the path, or create a job file with "
+            "'hpc-elastic init --template cpu'."
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror}).") from None
+    data, lines = _parse_yaml(text, str(path))
+    for item in overrides or []:
+        _apply_override(data, item, lines)
+    return _build(data, _Source(str(path), lines), base_dir=path.resolve().parent)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<resolved config>") -> JobConfig:
+    """Rebuild a config from :meth:`JobConfig.to_dict` output (what the agent reads back)."""
+    return _build(data, _Source(source, {}), base_dir=None)
+
+
+def parse_nodes(value: str | int) -> tuple[int, int]:
+    """``"2"`` -> (2, 2), ``"1:3"`` -> (1, 3). Raises ValueError with a plain message."""
+    text = str(value).strip()
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise ValueError(f"expected a number or 'min:max' (like 2 or 1:4), got {text!r}") from None
+    if low < 1:
+        raise ValueError(f"the minimum number of nodes must be at least 1, got {low}")
+    if low > high:
+        raise ValueError(f"min {low} is larger than max {high}; write it as '{high}:{low}'")
+    return low, high
+
+
+# --------------------------------------------------------------------------------------------
+# Internals: YAML with line numbers, overrides, the generic dataclass validator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """Where values came from: the file name and a map of dotted key -> line (or '--set')."""
+
+    file: str
+    lines: dict[str, int | str]
+
+    def where(self, key: str) -> str:
+        origin = self.lines.get(key)
+        if isinstance(origin, str):  # an override
+            return f"{origin} (for {self.file})"
+        if origin is None:
+            parent = key.rpartition(".")[0]
+            origin = self.lines.get(parent) if parent else None
+        return f"{self.file}, line {origin}" if isinstance(origin, int) else self.file
+
+
+class _JobYamlLoader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 numbers.
+
+    Plain YAML 1.1 reads ``nodes: 1:3`` as the integer 63 and ``time: 1:30`` as 90; here both
+    stay strings. Floats also accept ``1e3`` (YAML 1.1 insists on ``1.0e+3``).
+    """
+
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_JobYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JobYamlLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[01_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"),
+)
+_JobYamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_JobYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _parse_yaml(text: str, filename: str) -> tuple[dict[str, Any], dict[str, int | str]]:
+    try:
+        root = yaml.compose(text, Loader=_JobYamlLoader)
+        data = _yaml_value(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{filename}, line {mark.line + 1}" if mark else filename
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"{where}: this is not valid YAML ({problem}). Check indentation (spaces, not tabs) "
+            "and that every 'key: value' pair has a space after the colon."
+        ) from None
+    if data is None:
+        raise ConfigError(f"{filename}: the file is empty. A job needs at least 'name' and "
+                          "'entrypoint'; see 'hpc-elastic init'.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{filename}, line 1: the top level must be a mapping of keys "
+                          f"(name: ..., entrypoint: ...), not a {type(data).__name__}.")
+    lines: dict[str, int | str] = {}
+    _record_lines(root, "", lines)
+    return data, lines
+
+
+def _record_lines(node: yaml.Node, prefix: str, lines: dict[str, int | str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            _record_lines(value_node, key + ".", lines)
+
+
+def _apply_override(data: dict[str, Any], item: str, lines: dict[str, int | str]) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"--set {item!r}: expected KEY=VALUE with a dotted key, "
+            "for example --set slurm.partition=gpu or --set nodes=2:4."
+        )
+    try:
+        value = _yaml_value(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    target = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        nxt = target.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(
+                f"--set {item!r}: '{'.'.join(parts[: depth + 1])}' is not a section, so "
+                f"'{key}' cannot be set. Set '{'.'.join(parts[: depth + 1])}' itself instead."
+            )
+        target = nxt
+    target[parts[-1]] = value
+    lines[key] = f"--set {key}"
+
+
+_NODES_HINT = "write a number of nodes (2) or an elastic range 'min:max' (1:4)"
+
+
+def _build(data: dict[str, Any], source: _Source, base_dir: Path | None) -> JobConfig:
+    config = _to_dataclass(JobConfig, data, "", source)
+    try:
+        parse_nodes(config.nodes)
+    except ValueError as err:
+        message = f"{source.where('nodes')}: key 'nodes': {err}. Fix: {_NODES_HINT}."
+        raise ConfigError(message) from None
+    _check_positive(config, source)
+    _check_entrypoint(config, source, base_dir)
+    _check_signal(config, source)
+    if base_dir is not None:
+        config.job_root = str((base_dir / config.job_root).resolve())
+        if config.rendezvous.directory:
+            config.rendezvous.directory = str((base_dir / config.rendezvous.directory).resolve())
+    return config
+
+
+def _to_dataclass(cls: type, data: Any, prefix: str, source: _Source) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source.where(prefix.rstrip('.'))}: key '{section}' must be a mapping of keys, "
+            f"got {_describe(data)}. Fix: indent its keys under it."
+        )
+    for key in data:
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"Did you mean '{prefix}{guess[0]}'?" if guess else (
+                f"Known keys in {section}: {', '.join(sorted(fields))}.")
+            raise ConfigError(
+                f"{source.where(prefix + str(key))}: unknown key '{prefix}{key}'. {hint} "
+                "Fix: rename or remove it (docs/configuration.md lists every key)."
+            )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(
+                    f"{source.where(prefix.rstrip('.'))}: required key '{prefix}{name}' is "
+                    f"missing. Fix: add it, for example: {_EXAMPLES.get(prefix + name, name)}."
+                )
+            continue
+        values[name] = _convert(hints[name], data[name], prefix + name, source)
+    return cls(**values)
+
+
+_EXAMPLES = {
+    "name": "'name: my-training'",
+    "entrypoint": "'entrypoint: train.py' or 'entrypoint: {module: mypkg.train}'",
+}
+
+
+def _convert(hint: Any, value: Any, key: str, source: _Source) -> Any:
+    """Check ``value`` against a type hint, converting the few lenient cases users expect."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if hint is Entrypoint:
+            value = _entrypoint_shorthand(value)
+        return _to_dataclass(hint, value, key + ".", source)
+    if hint is str and key == "nodes" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if origin is list:
+        if isinstance(value, str) and key.endswith("args"):
+            return value.split()
+        if not isinstance(value, list):
+            _type_error(key, value, "a list", source)
+        return [_scalar_str(v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _type_error(key, value, "a mapping of NAME: value", source)
+        return {str(k): _scalar_str(v, f"{key}.{k}", source) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            _type_error(key, value, "true or false", source)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _type_error(key, value, "a whole number", source)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _type_error(key, value, "a number of seconds", source)
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            _type_error(key, value, "a text value", source)
+        return str(value)
+    raise TypeError(f"unsupported type hint {hint!r} for {key}")  # a bug in the schema
+
+
+def _entrypoint_shorthand(value: Any) -> Any:
+    """``entrypoint: train.py --lr 1`` and ``entrypoint: -m pkg.mod`` as one-line shorthands."""
+    if not isinstance(value, str):
+        return value
+    words = value.split()
+    if len(words) >= 2 and words[0] == "-m":
+        return {"module": words[1], "args": words[2:]}
+    return {"script": words[0] if words else "", "args": words[1:]}
+
+
+def _scalar_str(value: Any, key: str, source: _Source) -> str:
+    if isinstance(value, dict | list) or value is None:
+        _type_error(key, value, "a single value (text or number)", source)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (an empty value)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_error(key: str, value: Any, expected: str, source: _Source) -> typing.NoReturn:
+    raise ConfigError(
+        f"{source.where(key)}: key '{key}' must be {expected}, got {_describe(value)}. "
+        f"Fix: change the value of '{key}'."
+    )
+
+
+def _check_positive(config: JobConfig, source: _Source) -> None:
+    checks = {
+        "nproc_per_node": config.nproc_per_node >= 1,
+        "max_restarts": config.max_restarts >= 0,
+        "monitor_interval": config.monitor_interval > 0,
+        "preemption.grace": config.preemption.grace >= 0,
+        "rendezvous.join_timeout": config.rendezvous.join_timeout > 0,
+        "rendezvous.last_call_timeout": config.rendezvous.last_call_timeout >= 0,
+        "rendezvous.close_timeout": config.rendezvous.close_timeout > 0,
+        "rendezvous.heartbeat_interval": config.rendezvous.heartbeat_interval > 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"{source.where(key)}: key '{key}' is out of range. Fix: use a "
+                              "positive value (max_restarts and grace may be 0).")
+    rdzv = config.rendezvous
+    if rdzv.heartbeat_timeout <= rdzv.heartbeat_interval:
+        raise ConfigError(
+            f"{source.where('rendezvous.heartbeat_timeout')}: key 'rendezvous.heartbeat_timeout' "
+            f"({rdzv.heartbeat_timeout:g} s) must be longer than 'rendezvous.heartbeat_interval' "
+            f"({rdzv.heartbeat_interval:g} s), or every node looks dead. Fix: make it at least "
+            "3 heartbeat intervals."
+        )
+
+
+def _check_entrypoint(config: JobConfig, source: _Source, base_dir: Path | None) -> None:
+    ep = config.entrypoint
+    if bool(ep.script) == bool(ep.module):
+        raise ConfigError(
+            f"{source.where('entrypoint')}: key 'entrypoint' needs exactly one of 'script' or "
+            "'module'. Fix: 'entrypoint: train.py' or 'entrypoint: {module: mypkg.train}'."
+        )
+    if ep.script and base_dir is not None:
+        script = (base_dir / ep.script).resolve()
+        if not script.is_file():
+            raise ConfigError(
+                f"{source.where('entrypoint.script')}: key 'entrypoint.script': the file "
+                f"{script} does not exist. Paths are taken relative to the job file's "
+                "directory. Fix: correct the path."
+            )
+        ep.script = str(script)
+
+
+def _check_signal(config: JobConfig, source: _Source) -> None:
+    name = config.preemption.signal.upper().removeprefix("SIG")
+    if not hasattr(signal, "SIG" + name) or name in {"KILL", "STOP"}:
+        raise ConfigError(
+            f"{source.where('preemption.signal')}: key 'preemption.signal': {name!r} is not a "
+            "signal the agent can catch. Fix: use USR1 (the default), USR2 or TERM."
+        )
+    config.preemption.signal = name

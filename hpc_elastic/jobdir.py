@@ -1,0 +1,102 @@
+"""The one place that knows the job directory's layout.
+
+Every other module asks a :class:`JobDir` for paths instead of joining strings itself, so the
+layout can change in one place and the analysis commands read exactly what the agents wrote.
+
+Layout (``<root>`` is ``job_root`` from the config, one directory per submitted job)::
+
+    <root>/<name>-<stamp>/
+        job.yaml                 the resolved config (overrides applied), read by every agent
+        submission.json          how and when the job was submitted (mode, Slurm job ids)
+        sbatch.sh                the exact batch script that was submitted (Slurm mode)
+        slurm/                   Slurm's own stdout/stderr of the batch step
+        rendezvous/              the shared-filesystem rendezvous root (unless configured elsewhere)
+        checkpoints/             where the example (and the templates) keep checkpoints
+        nodes/<node>/
+            events.jsonl         one writer: that node's agent
+            metrics.jsonl        one writer: that node's agent
+            workers/attempt-<a>/rank-<r>/{stdout.log,stderr.log,error.json}
+
+Per-node files have exactly one writer (the node's agent), because ``O_APPEND`` is not atomic
+across NFS clients.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+JOB_CONFIG = "job.yaml"
+SUBMISSION = "submission.json"
+SBATCH_SCRIPT = "sbatch.sh"
+EVENTS = "events.jsonl"
+METRICS = "metrics.jsonl"
+
+_SAFE_NODE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _check_node_name(node: str) -> str:
+    """Node names become directory names: refuse anything that could escape ``nodes/``."""
+    if not _SAFE_NODE.match(node) or node in {".", ".."}:
+        raise ValueError(
+            f"node name {node!r} cannot be used as a directory name; "
+            "use letters, digits, '.', '_' or '-'"
+        )
+    return node
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """Paths inside one job directory. Creating the object touches nothing on disk."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / JOB_CONFIG
+
+    @property
+    def submission(self) -> Path:
+        return self.path / SUBMISSION
+
+    @property
+    def sbatch_script(self) -> Path:
+        return self.path / SBATCH_SCRIPT
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.path / "slurm"
+
+    @property
+    def rendezvous(self) -> Path:
+        return self.path / "rendezvous"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def nodes(self) -> Path:
+        return self.path / "nodes"
+
+    def node(self, node: str) -> Path:
+        return self.nodes / _check_node_name(node)
+
+    def events(self, node: str) -> Path:
+        return self.node(node) / EVENTS
+
+    def metrics(self, node: str) -> Path:
+        return self.node(node) / METRICS
+
+    def worker_logs(self, node: str, attempt: int, rank: int) -> Path:
+        return self.node(node) / "workers" / f"attempt-{attempt}" / f"rank-{rank}"
+
+    def node_names(self) -> list[str]:
+        """Nodes that wrote anything, sorted; empty when the job never started."""
+        if not self.nodes.is_dir():
+            return []
+        return sorted(p.name for p in self.nodes.iterdir() if p.is_dir())
