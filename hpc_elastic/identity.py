@@ -1,0 +1,64 @@
+"""Who this agent is: job id, node name and index, Slurm attempt.
+
+Inside Slurm the answer comes from Slurm's variables; in local mode the local launcher sets the
+``HPC_ELASTIC_*`` equivalents, so the agent code path is the same in both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# The local-mode equivalents of SLURM_JOB_ID, SLURMD_NODENAME, SLURM_NODEID, SLURM_RESTART_COUNT.
+LOCAL_JOB_ID = "HPC_ELASTIC_JOB_ID"
+LOCAL_NODE_NAME = "HPC_ELASTIC_NODE_NAME"
+LOCAL_NODE_INDEX = "HPC_ELASTIC_NODE_INDEX"
+LOCAL_ATTEMPT = "HPC_ELASTIC_ATTEMPT"
+LOCAL_NODE_ADDR = "HPC_ELASTIC_NODE_ADDR"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    job_id: str
+    node: str
+    node_index: int
+    attempt: int
+    address: str
+    in_slurm: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> NodeIdentity:
+        env = os.environ if env is None else env
+        if "SLURM_JOB_ID" in env and LOCAL_NODE_NAME not in env:
+            node = env.get("SLURMD_NODENAME") or socket.gethostname()
+            return cls(
+                job_id=env["SLURM_JOB_ID"],
+                node=node,
+                node_index=int(env.get("SLURM_NODEID", "0")),
+                attempt=int(env.get("SLURM_RESTART_COUNT", "0")),
+                address=env.get(LOCAL_NODE_ADDR) or _address_of(node),
+                in_slurm=True,
+            )
+        node = env.get(LOCAL_NODE_NAME) or socket.gethostname()
+        return cls(
+            job_id=env.get(LOCAL_JOB_ID, "local"),
+            node=node,
+            node_index=int(env.get(LOCAL_NODE_INDEX, "0")),
+            attempt=int(env.get(LOCAL_ATTEMPT, "0")),
+            address=env.get(LOCAL_NODE_ADDR) or "127.0.0.1",
+            in_slurm=False,
+        )
+
+
+def _address_of(node: str) -> str:
+    """The address this node publishes for its workers' MASTER_ADDR.
+
+    Resolved from the node's own name, as Slurm knows it (on clusters this is how nodes reach
+    each other); ``HPC_ELASTIC_NODE_ADDR`` overrides it, e.g. to pick the InfiniBand address.
+    """
+    try:
+        return socket.gethostbyname(node)
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())

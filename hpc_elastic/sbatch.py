@@ -1,0 +1,81 @@
+"""The batch script of a job, rendered through submitit. A pure function: config in, text out.
+
+Why submitit's private ``_make_sbatch_string``: it is the well-used renderer of ``#SBATCH`` lines
+(quoting, ``srun`` output paths, flag spelling). Because it is private, the version range is pinned
+in ``pyproject.toml`` and ``tests/test_sbatch_golden.py`` compares the full text for every
+template, so an upgrade that changes the text is noticed before it reaches a cluster.
+
+What the script does, and why:
+
+* ``--nodes=MIN-MAX`` for elastic jobs lets Slurm start the job on fewer nodes when that is all
+  that is free; ``--ntasks-per-node=1`` starts exactly one agent per node, which then starts the
+  workers itself (as ``torchrun`` would).
+* ``--no-kill`` (elastic jobs only) keeps the allocation when a node fails, so the survivors can
+  re-form; a fixed-size job cannot continue on fewer nodes, so it lets Slurm end it instead.
+* ``--requeue`` and ``--signal=<sig>@<grace>`` let the agents checkpoint and requeue the job on
+  preemption or before the time limit. Without ``B:`` the signal reaches every srun task.
+* ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13's shared agent TCP store breaks
+  re-rendezvous (see docs/architecture.md); with it off, every round gets a fresh address.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from submitit.slurm.slurm import _make_sbatch_string
+
+from hpc_elastic.config import JobConfig
+from hpc_elastic.jobdir import JobDir
+
+
+def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
+    """The full batch script for ``config``, whose agents run ``python -m hpc_elastic agent``."""
+    slurm = config.slurm
+    extra: dict[str, Any] = {
+        "time": slurm.time,
+        "signal": f"{config.preemption.signal}@{config.preemption.grace}",
+        "requeue": True,
+        # The batch shell's own output; each node's agent writes %j_<node index>_log.out.
+        "output": str(jobdir.slurm_logs / "%j_batch.out"),
+        "error": str(jobdir.slurm_logs / "%j_batch.err"),
+    }
+    if config.elastic:
+        extra["no-kill"] = True
+    for key, value in slurm.sbatch.items():
+        extra[key] = True if value == "" else value
+
+    setup = [
+        "# hpc_elastic: one agent per node; it starts and supervises the workers",
+        "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+        f"export HPC_ELASTIC_JOBDIR={shlex.quote(str(jobdir.path))}",
+        *slurm.setup,
+    ]
+    nodes: int | str = (
+        config.min_nodes if not config.elastic else f"{config.min_nodes}-{config.max_nodes}"
+    )
+    command = shlex.join([python, "-m", "hpc_elastic", "agent", str(jobdir.path)])
+    return _make_sbatch_string(
+        command=command,
+        folder=jobdir.slurm_logs,
+        job_name=config.name,
+        partition=slurm.partition,
+        nodes=nodes,  # type: ignore[arg-type]  # submitit renders it as text: "2-4" is fine
+        ntasks_per_node=1,
+        cpus_per_task=slurm.cpus_per_task,
+        gpus_per_node=slurm.gpus_per_node,
+        qos=slurm.qos,
+        mem=slurm.mem,
+        constraint=slurm.constraint,
+        account=slurm.account,
+        setup=setup,
+        wckey=None,  # type: ignore[arg-type]  # submitit's default "submitit" is not ours
+        additional_parameters=extra,
+        srun_args=["--kill-on-bad-exit=0"],
+    )
+
+
+def sbatch_agent_log(jobdir: JobDir, job_id: str, task: int) -> Path:
+    """Where srun writes the stdout of the agent of one node (task = node index)."""
+    return jobdir.slurm_logs / f"{job_id}_{task}_log.out"

@@ -1,0 +1,92 @@
+"""Thin, honest wrappers around Slurm's commands (sbatch, squeue, sacct, scontrol, scancel).
+
+Why not submitit's executor: it pickles a Python function per task, while our task is a plain
+command (the agent). We use submitit to *render* the script (see ``sbatch.py``) and call the
+commands ourselves, so Slurm's own error text reaches the user unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+
+# Slurm job states that will not change any more.
+FINAL_STATES = frozenset({
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+    "PREEMPTED", "TIMEOUT", "REVOKED",
+})
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed; the message is Slurm's own words plus what to do."""
+
+
+def slurm_available(env: Mapping[str, str] | None = None) -> bool:
+    """True when ``sbatch`` is on PATH (of ``env`` when given)."""
+    path = (env or os.environ).get("PATH")
+    return shutil.which("sbatch", path=path) is not None
+
+
+def run_slurm(args: Sequence[str], env: Mapping[str, str] | None = None,
+              timeout: float = 60) -> str:
+    """Run one Slurm command; return stdout, or raise SlurmError with Slurm's stderr."""
+    try:
+        result = subprocess.run(
+            list(args), capture_output=True, text=True, timeout=timeout,
+            env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        raise SlurmError(
+            f"'{args[0]}' is not installed or not on PATH. Run this on a Slurm login node, or "
+            "use --local to run on this machine."
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"'{' '.join(args)}' did not answer within {timeout:g} s; is slurmctld "
+                         "reachable (try 'sinfo')?") from None
+    if result.returncode != 0:
+        said = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+        raise SlurmError(f"{args[0]} failed: {said}")
+    return result.stdout
+
+
+def submit_script(script_path: str, env: Mapping[str, str] | None = None) -> str:
+    """``sbatch --parsable``: return the job id."""
+    out = run_slurm(["sbatch", "--parsable", script_path], env=env).strip()
+    return out.split(";")[0]  # "<id>;<cluster>" on federated clusters
+
+
+def queue_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The job's state from squeue, or None when squeue no longer knows it."""
+    try:
+        out = run_slurm(["squeue", "--noheader", "--jobs", job_id, "--format=%T"], env=env)
+    except SlurmError:
+        return None  # "Invalid job id specified" once the job has left the queue
+    states = out.split()
+    return states[0] if states else None
+
+
+def accounting_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The job's final state from sacct, or None when accounting is off or lags."""
+    try:
+        out = run_slurm(
+            ["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", job_id,
+             "--format=State"], env=env)
+    except SlurmError:
+        return None
+    states = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return states[-1] if states else None  # "CANCELLED by 0" -> "CANCELLED"
+
+
+def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
+    """squeue first (live), then sacct (after the end); None if neither knows the job."""
+    return queue_state(job_id, env) or accounting_state(job_id, env)
+
+
+def cancel(job_id: str, env: Mapping[str, str] | None = None) -> None:
+    run_slurm(["scancel", job_id], env=env)
+
+
+def requeue(job_id: str, env: Mapping[str, str] | None = None) -> None:
+    run_slurm(["scontrol", "requeue", job_id], env=env)

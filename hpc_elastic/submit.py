@@ -1,0 +1,91 @@
+"""Turn a validated config into a job: the job directory, its files, and the submission.
+
+Order matters for "nothing lost": the job directory and its resolved config are written before
+anything is submitted, and ``submission.json`` is rewritten (atomically) with the Slurm job id
+right after ``sbatch`` answers, so every started job can be found and analysed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpc_elastic.config import JobConfig, config_from_dict
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.sbatch import render_sbatch
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What ``submission.json`` holds."""
+
+    mode: str  # "slurm" or "local"
+    job_id: str
+    submitted_at: float
+    name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": 1, "mode": self.mode, "job_id": self.job_id,
+                "submitted_at": self.submitted_at, "name": self.name}
+
+
+def new_jobdir(config: JobConfig, now: float | None = None) -> JobDir:
+    """A fresh, unique job directory path under ``job_root`` (not created yet).
+
+    The name sorts by time (``list`` shows newest first) and carries a random suffix, so two
+    submissions in the same second never share a directory.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return JobDir(Path(config.job_root) / f"{config.name}-{stamp}-{secrets.token_hex(2)}")
+
+
+def create_jobdir(config: JobConfig, jobdir: JobDir) -> None:
+    """Create the directory tree and write the resolved config the agents will read."""
+    jobdir.path.mkdir(parents=True, exist_ok=False)
+    for sub in (jobdir.slurm_logs, jobdir.nodes, jobdir.checkpoints):
+        sub.mkdir()
+    # The rendezvous directory holds the store; only the job's owner may read it.
+    jobdir.rendezvous.mkdir(mode=0o700)
+    write_atomic(jobdir.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def read_job_config(jobdir: JobDir) -> JobConfig:
+    """The resolved config as written by :func:`create_jobdir`."""
+    data = yaml.safe_load(jobdir.config.read_text())
+    return config_from_dict(data, source=str(jobdir.config))
+
+
+def write_submission(jobdir: JobDir, submission: Submission) -> None:
+    write_atomic(jobdir.submission, json.dumps(submission.to_json(), indent=2) + "\n")
+
+
+def read_submission(jobdir: JobDir) -> Submission | None:
+    try:
+        data = json.loads(jobdir.submission.read_text())
+    except (OSError, ValueError):
+        return None
+    return Submission(mode=data["mode"], job_id=str(data["job_id"]),
+                      submitted_at=float(data["submitted_at"]), name=data["name"])
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename (same directory), so readers on other nodes never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_slurm_job(config: JobConfig, jobdir: JobDir) -> str:
+    """Create the job directory and write the batch script; return the script's text."""
+    create_jobdir(config, jobdir)
+    text = render_sbatch(config, jobdir, python=sys.executable)
+    write_atomic(jobdir.sbatch_script, text)
+    return text
