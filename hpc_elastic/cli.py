@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from hpc_elastic import __version__
@@ -46,15 +47,55 @@ def _not_yet(what: str, issue: str) -> Command:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    import shutil
+
+    from hpc_elastic import local, slurm, submit
     from hpc_elastic.config import load_config
+    from hpc_elastic.sbatch import render_sbatch
 
     config = load_config(args.job_file, args.set)
-    print(
-        f"{args.job_file}: configuration is valid (job '{config.name}', nodes {config.nodes}, "
-        f"{config.nproc_per_node} worker(s) per node).",
-        file=sys.stderr,
-    )
-    return _not_yet("submitting", "submission lands with the submit issue")(args)
+    use_local = args.local or not slurm.slurm_available()
+    if use_local and not args.local:
+        print("hpc-elastic: Slurm's sbatch is not on PATH, so the job runs on this machine with "
+              f"{config.max_nodes} simulated node(s) (--local says this on purpose).",
+              file=sys.stderr)
+    jobdir = submit.new_jobdir(config)
+    if args.dry_run:
+        if use_local:
+            print(f"would run locally: {config.max_nodes} agent(s) x {config.nproc_per_node} "
+                  f"worker(s) of {' '.join(config.entrypoint.command())} in {jobdir.path}")
+        else:
+            print(render_sbatch(config, jobdir, sys.executable), end="")
+        return EXIT_OK
+    if use_local:
+        submit.create_jobdir(config, jobdir)
+        job_id = local.local_job_id(jobdir)
+        submit.write_submission(jobdir, submit.Submission("local", job_id, time.time(),
+                                                          config.name))
+        print(f"job {job_id} runs locally\njob directory: {jobdir.path}", flush=True)
+        return EXIT_OK if local.run_local(config, jobdir, job_id) == 0 else EXIT_FAILED
+
+    submit.prepare_slurm_job(config, jobdir)
+    try:
+        job_id = slurm.submit_script(str(jobdir.sbatch_script))
+    except slurm.SlurmError as err:
+        shutil.rmtree(jobdir.path)  # only our own fresh files: nothing ran, nothing is lost
+        raise UsageError(f"{err}. Nothing was submitted.") from None
+    submit.write_submission(jobdir, submit.Submission("slurm", job_id, time.time(), config.name))
+    print(f"submitted job {job_id}\njob directory: {jobdir.path}", flush=True)
+    if not args.wait:
+        return EXIT_OK
+    from hpc_elastic.progress import follow_job
+
+    state = follow_job(job_id)
+    print(f"job {job_id} ended: {state}", file=sys.stderr)
+    return EXIT_OK if state == "COMPLETED" else EXIT_FAILED
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from hpc_elastic.agent.runner import run_agent
+
+    return run_agent(args.jobdir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rendezvous, start the workers, restart them on failure, write the node's logs.",
     )
     p.add_argument("jobdir", metavar="JOBDIR", help="the job directory created by 'submit'")
-    p.set_defaults(func=_not_yet("the per-node agent", "it lands with the agent issue"))
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser(
         "status",

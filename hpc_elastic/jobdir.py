@@ -15,7 +15,7 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
         nodes/<node>/
             events.jsonl         one writer: that node's agent
             metrics.jsonl        one writer: that node's agent
-            workers/attempt-<a>/rank-<r>/{stdout.log,stderr.log,error.json}
+            workers/attempt-<a>/restart-<n>/rank-<r>/{stdout.log,stderr.log,error.json}
 
 Per-node files have exactly one writer (the node's agent), because ``O_APPEND`` is not atomic
 across NFS clients.
@@ -92,8 +92,11 @@ class JobDir:
     def metrics(self, node: str) -> Path:
         return self.node(node) / METRICS
 
-    def worker_logs(self, node: str, attempt: int, rank: int) -> Path:
-        return self.node(node) / "workers" / f"attempt-{attempt}" / f"rank-{rank}"
+    def worker_logs(self, node: str, attempt: int, restart: int, rank: int) -> Path:
+        """One worker's files: ``attempt`` counts Slurm requeues, ``restart`` worker-group
+        restarts within the attempt, ``rank`` is the worker's global rank in that round."""
+        return (self.node(node) / "workers" / f"attempt-{attempt}" / f"restart-{restart}"
+                / f"rank-{rank}")
 
     def node_names(self) -> list[str]:
         """Nodes that wrote anything, sorted; empty when the job never started."""

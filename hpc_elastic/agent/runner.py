@@ -1,0 +1,127 @@
+"""Build and run one node's torch ``LocalElasticAgent`` for a job directory.
+
+The agent reads everything from the job directory (the resolved ``job.yaml``) and from its
+identity (Slurm variables, or local mode's equivalents), so ``srun`` needs to pass nothing but
+the directory. Workers get the standard torchrun environment from torch's agent, so any torchrun
+script runs unchanged, plus ``HPC_ELASTIC_*`` extras (checkpoint dir, preemption signal, attempt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import SignalException
+
+from hpc_elastic import slurm
+from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
+from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
+from hpc_elastic.config import JobConfig
+from hpc_elastic.identity import NodeIdentity
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.rendezvous import create_handler
+from hpc_elastic.submit import read_job_config
+from hpc_elastic.telemetry import install_telemetry
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+ROLE = "trainer"
+
+
+def worker_environment(config: JobConfig, jobdir: JobDir, ident: NodeIdentity) -> dict[str, str]:
+    """Variables the workers see on top of torch's own (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+    return {
+        **config.env,
+        "HPC_ELASTIC_JOBDIR": str(jobdir.path),
+        "HPC_ELASTIC_CHECKPOINT_DIR": str(jobdir.checkpoints),
+        "HPC_ELASTIC_PREEMPT_SIGNAL": config.preemption.signal,
+        "HPC_ELASTIC_ATTEMPT": str(ident.attempt),
+        "HPC_ELASTIC_NODE_NAME": ident.node,
+        "HPC_ELASTIC_JOB_ID": ident.job_id,
+    }
+
+
+def run_agent(jobdir_path: str | Path) -> int:
+    """Run this node's agent to the end; return the process exit code."""
+    jobdir = JobDir(Path(jobdir_path).resolve())
+    config = read_job_config(jobdir)
+    ident = NodeIdentity.from_env()
+    # Workers inherit the agent's environment: torch's agent copies os.environ for them.
+    os.environ.update(worker_environment(config, jobdir, ident))
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+
+    telemetry = install_telemetry(
+        node_dir=jobdir.node(ident.node), job_id=ident.job_id, attempt=ident.attempt,
+        node=ident.node)
+    rdzv = config.rendezvous
+    handler = create_handler(
+        root=Path(rdzv.directory) if rdzv.directory else jobdir.rendezvous,
+        run_id=ident.job_id,
+        attempt=ident.attempt,
+        min_nodes=config.min_nodes,
+        max_nodes=config.max_nodes,
+        local_addr=ident.address,
+        node_name=ident.node,
+        join_timeout=rdzv.join_timeout,
+        last_call_timeout=rdzv.last_call_timeout,
+        close_timeout=rdzv.close_timeout,
+        heartbeat_interval=rdzv.heartbeat_interval,
+        heartbeat_timeout=rdzv.heartbeat_timeout,
+    )
+    spec = WorkerSpec(
+        role=ROLE,
+        local_world_size=config.nproc_per_node,
+        rdzv_handler=handler,
+        entrypoint=sys.executable,
+        args=("-u", *config.entrypoint.command()),
+        max_restarts=config.max_restarts,
+        monitor_interval=config.monitor_interval,
+        local_addr=ident.address,
+    )
+    agent = LocalElasticAgent(
+        spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
+        log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ",
+    )
+    preemption = Preemption(
+        signal_name=config.preemption.signal,
+        grace=config.preemption.grace,
+        claim_path=jobdir.path / "requeue" / f"attempt-{ident.attempt}",
+        node=ident.node,
+        requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else None,
+        record=telemetry.record,
+        worker_pids=lambda: [w.id for w in agent.get_worker_group().workers if w.id],
+    )
+    if config.preemption.requeue:
+        preemption.install()
+
+    telemetry.record("agent.start", pid=os.getpid(), address=ident.address,
+                     nodes=config.nodes, nproc_per_node=config.nproc_per_node)
+    started = time.monotonic()
+    try:
+        result = agent.run(ROLE)
+    except SignalException as err:
+        telemetry.record("shutdown", signal=err.sigval.name)
+        telemetry.close()
+        return 128 + int(err.sigval)
+
+    if preemption.received:
+        preemption.finish()
+        telemetry.record("agent.preempted", requeued_by_this_node=preemption.requeued_by_us)
+        telemetry.close()
+        return EXIT_OK if ident.in_slurm else EXIT_REQUEUED
+
+    handler.shutdown()  # close the rendezvous: the other nodes stop waiting for us
+    elapsed = round(time.monotonic() - started, 3)
+    if result is None or not result.is_failed():
+        telemetry.record("agent.succeeded", elapsed_s=elapsed)
+        telemetry.close()
+        return EXIT_OK
+    telemetry.record("agent.failed", elapsed_s=elapsed, failures=[
+        {"rank": rank, "exitcode": f.exitcode, "error_file": f.error_file,
+         "message": f.message} for rank, f in result.failures.items()])
+    telemetry.close()
+    return EXIT_FAILED

@@ -1,0 +1,52 @@
+"""Worker stdout/stderr and error files inside the job directory.
+
+torch's ``DefaultLogsSpecs`` invents a temporary directory per run and deletes an attempt's
+directory when the attempt number repeats, which loses logs across Slurm requeues. This spec
+writes to ``<jobdir>/nodes/<node>/workers/attempt-<a>/restart-<n>/rank-<r>/`` (see ``JobDir``),
+where ``a`` is the Slurm attempt, so nothing is ever overwritten, and it sets
+``TORCHELASTIC_ERROR_FILE`` so a ``@record``-decorated worker leaves its traceback in
+``error.json``.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
+
+from hpc_elastic.jobdir import JobDir
+
+# Set in every worker's environment: where this worker's files are (the worker metrics helper
+# writes its metrics.jsonl there).
+WORKER_DIR_ENV = "HPC_ELASTIC_WORKER_DIR"
+
+
+class JobDirLogsSpecs(LogsSpecs):
+    """Redirect every worker's stdout/stderr to files, and also tee them to the agent's console
+    so ``srun``'s per-node log (and a terminal in local mode) shows them as they happen."""
+
+    def __init__(self, jobdir: JobDir, node: str, attempt: int, tee: bool = True) -> None:
+        super().__init__(log_dir=str(jobdir.node(node) / "workers"), redirects=Std.ALL,
+                         tee=Std.ALL if tee else Std.NONE)
+        self._jobdir = jobdir
+        self._node = node
+        self._attempt = attempt
+
+    @property
+    def root_log_dir(self) -> str:
+        return str(self._root_log_dir)
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        dest = LogsDest()
+        for local_rank, env in envs.items():
+            restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            rank = int(env.get("RANK", str(local_rank)))
+            folder = self._jobdir.worker_logs(self._node, self._attempt, restart, rank)
+            folder.mkdir(parents=True, exist_ok=True)
+            dest.stdouts[local_rank] = str(folder / "stdout.log")
+            dest.stderrs[local_rank] = str(folder / "stderr.log")
+            if self._tee == Std.ALL:
+                dest.tee_stdouts[local_rank] = dest.stdouts[local_rank]
+                dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
+            dest.error_files[local_rank] = str(folder / "error.json")
+            env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
+            env[WORKER_DIR_ENV] = str(folder)
+        return dest
