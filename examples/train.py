@@ -95,10 +95,10 @@ def synthetic_batch(epoch: int, step: int, rank: int, batch: int) -> tuple[torch
 def emit_metric(name: str, value: float) -> None:
     """Report a metric through hpc_elastic when it is installed; a no-op elsewhere."""
     try:
-        from hpc_elastic.telemetry.worker_metrics import put_metric
+        from hpc_elastic.telemetry import log_metric
     except ImportError:
         return
-    put_metric(name, value)
+    log_metric(name, value)
 
 
 @record

@@ -265,6 +265,8 @@ def _apply_override(data: dict[str, Any], item: str, lines: dict[str, int | str]
     target = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
+        if part == "entrypoint" and depth == 0 and isinstance(target.get(part), str):
+            target[part] = _entrypoint_shorthand(target[part])  # one-liner -> its mapping
         nxt = target.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise ConfigError(

@@ -85,6 +85,12 @@ def test_overrides_apply_before_validation(job_dir: Path) -> None:
     assert config.env == {"SEED": "7"}
 
 
+def test_override_reaches_into_a_one_line_entrypoint(job_dir: Path) -> None:
+    path = write(job_dir, "name: a\nentrypoint: train.py --lr 0.1\n")
+    config = load_config(path, ["entrypoint.args=[--epochs, 2]"])
+    assert config.entrypoint.command() == [str(job_dir / "train.py"), "--epochs", "2"]
+
+
 def test_unknown_key_suggests_the_right_one_with_file_and_line(job_dir: Path) -> None:
     path = write(job_dir, "name: a\nentrypoint: train.py\nslurm:\n  partiton: gpu\n")
     message = error_of(path)

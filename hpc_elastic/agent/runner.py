@@ -25,7 +25,7 @@ from hpc_elastic.identity import NodeIdentity
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.rendezvous import create_handler
 from hpc_elastic.submit import read_job_config
-from hpc_elastic.telemetry import install_telemetry
+from hpc_elastic.telemetry import install as install_telemetry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -54,9 +54,9 @@ def run_agent(jobdir_path: str | Path) -> int:
     os.environ.update(worker_environment(config, jobdir, ident))
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
 
-    telemetry = install_telemetry(
-        node_dir=jobdir.node(ident.node), job_id=ident.job_id, attempt=ident.attempt,
-        node=ident.node)
+    telemetry = install_telemetry(jobdir, ident.node, job_id=ident.job_id, attempt=ident.attempt)
+    os.environ.update(telemetry.worker_env())
+    events = telemetry.events
     rdzv = config.rendezvous
     handler = create_handler(
         root=Path(rdzv.directory) if rdzv.directory else jobdir.rendezvous,
@@ -65,7 +65,6 @@ def run_agent(jobdir_path: str | Path) -> int:
         min_nodes=config.min_nodes,
         max_nodes=config.max_nodes,
         local_addr=ident.address,
-        node_name=ident.node,
         join_timeout=rdzv.join_timeout,
         last_call_timeout=rdzv.last_call_timeout,
         close_timeout=rdzv.close_timeout,
@@ -92,35 +91,35 @@ def run_agent(jobdir_path: str | Path) -> int:
         claim_path=jobdir.path / "requeue" / f"attempt-{ident.attempt}",
         node=ident.node,
         requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else None,
-        record=telemetry.record,
+        record=events.record,
         worker_pids=lambda: [w.id for w in agent.get_worker_group().workers if w.id],
     )
     if config.preemption.requeue:
         preemption.install()
 
-    telemetry.record("agent.start", pid=os.getpid(), address=ident.address,
+    events.record("agent.start", pid=os.getpid(), address=ident.address,
                      nodes=config.nodes, nproc_per_node=config.nproc_per_node)
     started = time.monotonic()
     try:
         result = agent.run(ROLE)
     except SignalException as err:
-        telemetry.record("shutdown", signal=err.sigval.name)
+        events.record("shutdown", signal=err.sigval.name)
         telemetry.close()
         return 128 + int(err.sigval)
 
     if preemption.received:
         preemption.finish()
-        telemetry.record("agent.preempted", requeued_by_this_node=preemption.requeued_by_us)
+        events.record("agent.preempted", requeued_by_this_node=preemption.requeued_by_us)
         telemetry.close()
         return EXIT_OK if ident.in_slurm else EXIT_REQUEUED
 
     handler.shutdown()  # close the rendezvous: the other nodes stop waiting for us
     elapsed = round(time.monotonic() - started, 3)
     if result is None or not result.is_failed():
-        telemetry.record("agent.succeeded", elapsed_s=elapsed)
+        events.record("agent.succeeded", elapsed_s=elapsed)
         telemetry.close()
         return EXIT_OK
-    telemetry.record("agent.failed", elapsed_s=elapsed, failures=[
+    events.record("agent.failed", elapsed_s=elapsed, failures=[
         {"rank": rank, "exitcode": f.exitcode, "error_file": f.error_file,
          "message": f.message} for rank, f in result.failures.items()])
     telemetry.close()
