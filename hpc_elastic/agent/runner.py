@@ -11,9 +11,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from torch.distributed.elastic.agent.server.api import WorkerSpec
+from torch.distributed.elastic.agent.server.api import (
+    RunResult,
+    WorkerGroup,
+    WorkerSpec,
+    WorkerState,
+)
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
 
@@ -30,6 +36,41 @@ from hpc_elastic.telemetry import install as install_telemetry
 EXIT_OK = 0
 EXIT_FAILED = 1
 ROLE = "trainer"
+
+
+class ObservedAgent(LocalElasticAgent):
+    """torch's LocalElasticAgent, plus a ``worker.failed`` event the moment a failure is seen.
+
+    torch records worker events only for the final result, so a failure that leads to a
+    restart would leave no trace in the logs. ``_monitor_workers`` is the one place every
+    failure passes through, restarted or final.
+    """
+
+    def __init__(self, *args: object, record: Callable[..., None], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._record = record
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            restart = worker_group.spec.max_restarts - self._remaining_restarts
+            for rank, failure in sorted(result.failures.items()):
+                self._record(
+                    "worker.failed", rank=rank, local_rank=failure.local_rank,
+                    exitcode=failure.exitcode, pid=failure.pid, restart_count=restart,
+                    message=failure_message(failure.message),
+                    error_file=failure.error_file or None, error_time=failure.timestamp,
+                    signal=failure.signal_name() if failure.exitcode < 0 else None)
+        return result
+
+
+def failure_message(message: object) -> str:
+    """The root-cause line of a failure: torch gives the error file's dict when there is one
+    (``{"message": "RuntimeError: ...", "extraInfo": {...traceback...}}``), else a string."""
+    if isinstance(message, dict):
+        inner = message.get("message", message)
+        return inner if isinstance(inner, str) else str(inner)
+    return str(message)
 
 
 def worker_environment(config: JobConfig, jobdir: JobDir, ident: NodeIdentity) -> dict[str, str]:
@@ -81,9 +122,9 @@ def run_agent(jobdir_path: str | Path) -> int:
         monitor_interval=config.monitor_interval,
         local_addr=ident.address,
     )
-    agent = LocalElasticAgent(
+    agent = ObservedAgent(
         spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
-        log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ",
+        log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
     )
     preemption = Preemption(
         signal_name=config.preemption.signal,
@@ -120,7 +161,7 @@ def run_agent(jobdir_path: str | Path) -> int:
         telemetry.close()
         return EXIT_OK
     events.record("agent.failed", elapsed_s=elapsed, failures=[
-        {"rank": rank, "exitcode": f.exitcode, "error_file": f.error_file,
-         "message": f.message} for rank, f in result.failures.items()])
+        {"rank": rank, "exitcode": f.exitcode, "error_file": f.error_file or None,
+         "message": failure_message(f.message)} for rank, f in result.failures.items()])
     telemetry.close()
     return EXIT_FAILED
