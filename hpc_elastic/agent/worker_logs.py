@@ -10,6 +10,10 @@ where ``a`` is the Slurm attempt, so nothing is ever overwritten, and it sets
 
 from __future__ import annotations
 
+import sys
+import tempfile
+from pathlib import Path
+
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
 from hpc_elastic.jobdir import JobDir
@@ -39,8 +43,8 @@ class JobDirLogsSpecs(LogsSpecs):
         for local_rank, env in envs.items():
             restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
             rank = int(env.get("RANK", str(local_rank)))
-            folder = self._jobdir.worker_logs(self._node, self._attempt, restart, rank)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = self._make_folder(
+                self._jobdir.worker_logs(self._node, self._attempt, restart, rank))
             dest.stdouts[local_rank] = str(folder / "stdout.log")
             dest.stderrs[local_rank] = str(folder / "stderr.log")
             if self._tee == Std.ALL:
@@ -50,3 +54,19 @@ class JobDirLogsSpecs(LogsSpecs):
             env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
             env[WORKER_DIR_ENV] = str(folder)
         return dest
+
+    def _make_folder(self, folder: Path) -> Path:
+        """Create a worker's folder; if the job directory is not writable (full disk, lost
+        mount), fall back to a local temporary directory and say where, so training goes on
+        and the logs still exist."""
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError as err:
+            relative = folder.relative_to(self._jobdir.path)
+            fallback = Path(tempfile.gettempdir()) / "hpc_elastic-logs" / self._jobdir.path.name
+            fallback = fallback / relative
+            fallback.mkdir(parents=True, exist_ok=True)
+            print(f"hpc_elastic: warning: cannot write worker logs to {folder} ({err.strerror}); "
+                  f"writing them to {fallback} instead", file=sys.stderr, flush=True)
+            return fallback

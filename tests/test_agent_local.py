@@ -1,0 +1,133 @@
+"""The per-node agent for real, in local mode: agent processes, gloo workers, real files.
+
+One 2-node x 2-worker job of examples/train.py with an injected failure is run once for the
+module (it takes ~15 s on 2 cores) and several tests read what it left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.telemetry import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+TRAIN_ARGS = "[--epochs, 2, --steps-per-epoch, 8, --fail-at-step, 10, --fail-rank, 1]"
+
+
+def submit_local(job_root: Path, *sets: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
+            "--local", "--set", f"job_root={job_root}"]
+    for item in sets:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def only_jobdir(job_root: Path) -> JobDir:
+    (path,) = [p for p in job_root.iterdir() if p.is_dir()]
+    return JobDir(path)
+
+
+@pytest.fixture(scope="module")
+def failed_once_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobDir, str]:
+    root = tmp_path_factory.mktemp("jobs")
+    result = submit_local(root, f"entrypoint.args={TRAIN_ARGS}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_jobdir(root), result.stdout + result.stderr
+
+
+def kinds(jobdir: JobDir, node: str) -> list[str]:
+    return [event["kind"] for event in read_jsonl(jobdir.events(node))]
+
+
+def test_every_node_writes_both_jsonl_files(failed_once_job: tuple[JobDir, str]) -> None:
+    jobdir, _ = failed_once_job
+    assert jobdir.node_names() == ["local0", "local1"]
+    for node in jobdir.node_names():
+        events = list(read_jsonl(jobdir.events(node)))
+        assert events and all(e["node"] == node and e["attempt"] == 0 for e in events)
+        assert all(e["time"] > 1.6e9 for e in events), "real timestamps, not torch's 0"
+        assert list(read_jsonl(jobdir.metrics(node)))
+
+
+def test_failing_node_logs_the_story_in_order(failed_once_job: tuple[JobDir, str]) -> None:
+    jobdir, _ = failed_once_job
+    failing = [n for n in jobdir.node_names()
+               if any(e["kind"] == "worker.failed" and e["rank"] == 1 and e["exitcode"] == 1
+                      for e in read_jsonl(jobdir.events(n)))]
+    assert len(failing) == 1
+    sequence = kinds(jobdir, failing[0])
+    # The restart is logged when the restarted group starts, after its re-rendezvous.
+    expected = ["rendezvous.completed", "workers.started", "worker.failed",
+                "rendezvous.completed", "workers.restart", "workers.started", "agent.succeeded"]
+    positions, start = [], 0
+    for kind in expected:
+        start = sequence.index(kind, start) + 1
+        positions.append(start)
+    assert positions == sorted(positions)
+    assert sequence.count("workers.restart") == 1
+
+
+def test_failure_event_carries_exit_code_message_and_traceback(
+    failed_once_job: tuple[JobDir, str],
+) -> None:
+    jobdir, _ = failed_once_job
+    failures = [e for n in jobdir.node_names() for e in read_jsonl(jobdir.events(n))
+                if e["kind"] == "worker.failed" and e["rank"] == 1]
+    (failure,) = failures
+    assert failure["message"] == "RuntimeError: injected failure at global step 10 on rank 1"
+    error = json.loads(Path(failure["error_file"]).read_text())
+    assert "Traceback" in error["message"]["extraInfo"]["py_callstack"]
+    assert Path(failure["error_file"]).parent.name == "rank-1"
+
+
+def test_metrics_include_rendezvous_duration_and_worker_loss(
+    failed_once_job: tuple[JobDir, str],
+) -> None:
+    jobdir, _ = failed_once_job
+    for node in jobdir.node_names():
+        names = {m["name"] for m in read_jsonl(jobdir.metrics(node))}
+        assert "SimpleElasticAgent._rendezvous.duration.ms" in names
+    worker_files = list(jobdir.nodes.glob("*/workers/attempt-0/restart-1/rank-*/metrics.jsonl"))
+    assert len(worker_files) == 4
+    losses = [m for f in worker_files for m in read_jsonl(f) if m["name"] == "loss"]
+    assert losses and all(m["value"] < 5 for m in losses)
+
+
+def test_restart_resumed_from_the_checkpoint(failed_once_job: tuple[JobDir, str]) -> None:
+    jobdir, _ = failed_once_job
+    assert (jobdir.checkpoints / "last.pt").is_file()
+    restarted = list(jobdir.nodes.glob("*/workers/attempt-0/restart-1/rank-0/stdout.log"))
+    (stdout,) = restarted
+    assert "restart 1, starting at epoch 1 step 0 (global step 8)" in stdout.read_text()
+
+
+def test_unwritable_log_directory_warns_and_training_still_succeeds(tmp_path: Path) -> None:
+    """The node directory's parent is a regular file: nothing can be created under it."""
+    from hpc_elastic.config import load_config
+    from hpc_elastic.submit import create_jobdir
+
+    config = load_config(REPO / "examples" / "demo.yaml",
+                         ["nodes=1", "entrypoint.args=[--epochs, 1, --steps-per-epoch, 3]",
+                          f"job_root={tmp_path}"])
+    jobdir = JobDir(tmp_path / "job")
+    create_jobdir(config, jobdir)
+    jobdir.nodes.rmdir()
+    jobdir.nodes.write_text("not a directory\n")
+    env = {**os.environ, "HPC_ELASTIC_NODE_NAME": "solo", "HPC_ELASTIC_JOB_ID": "t-unwritable",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training finished" in result.stdout + result.stderr
+    assert "warning" in result.stderr.lower()
+    assert (jobdir.checkpoints / "last.pt").is_file()
