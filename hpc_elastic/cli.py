@@ -73,7 +73,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         submit.write_submission(jobdir, submit.Submission("local", job_id, time.time(),
                                                           config.name))
         print(f"job {job_id} runs locally\njob directory: {jobdir.path}", flush=True)
-        return EXIT_OK if local.run_local(config, jobdir, job_id) == 0 else EXIT_FAILED
+        code = local.run_local(config, jobdir, job_id)
+        outcome = "succeeded" if code == 0 else f"failed (an agent exited with {code})"
+        print(f"job {job_id} {outcome}\nlogs: {jobdir.path}\n"
+              f"what happened: hpc-elastic logs summary {jobdir.path}", flush=True)
+        return EXIT_OK if code == 0 else EXIT_FAILED
 
     submit.prepare_slurm_job(config, jobdir)
     try:
