@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from hpc_elastic import __version__
+from hpc_elastic.analysis import cli as analysis_cli
 from hpc_elastic.config import ConfigError
 
 EXIT_OK = 0
@@ -100,6 +101,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from hpc_elastic.agent.runner import run_agent
 
     return run_agent(args.jobdir)
+
+
+def _logs_command(name: str) -> Command:
+    def command(args: argparse.Namespace) -> int:
+        return analysis_cli.run(name, args)
+
+    return command
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         lp = logs_sub.add_parser(name, help=text, description=text.capitalize() + ".")
         _job_arg(lp)
         lp.add_argument("--json", action="store_true", help="machine-readable output")
-        lp.set_defaults(func=_not_yet(f"'logs {name}'", "it lands with the analysis issue"))
+        analysis_cli.add_arguments(lp, name)
+        lp.set_defaults(func=_logs_command(name))
 
     p = sub.add_parser("init", help="write a starter job.yaml from a template")
     p.add_argument("--template", default="cpu", help="template name (default: cpu)")

@@ -1,0 +1,152 @@
+"""``logs summary``: the outcome and where the wall time went.
+
+The time split is derived from events only, and only as far as they allow: rendezvous rounds are
+[first join, last completion]; a round's training runs from its rendezvous end until its first
+failure (then it counts as *lost to failures*: the work since the last checkpoint is unknown, so
+this is an upper bound), until the next round's rendezvous (a membership change) or until the
+agents ended. The gap between a failure and the next rendezvous is *restarting*. Time between
+Slurm attempts counts as *queued* again (the requeued job waited for an allocation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .fmt import dur, footer, iso
+from .loader import Job
+from .model import JobModel, Round, build
+
+
+def status_of(m: JobModel) -> str:
+    """succeeded | failed | running | cancelled | unknown, from the LAST attempt's end events."""
+    if not m.attempts:
+        return "unknown"
+    last = max(m.attempts)
+    ends = m.terminal.get(last, {})
+    values = set(ends.values())
+    if "failed" in values:
+        return "failed"
+    if "ok" in values:
+        return "succeeded"
+    if "preempted" in values:
+        return "running" if m.requeues else "cancelled"  # requeued: waiting for the next attempt
+    if "shutdown" in values:
+        return "cancelled"
+    return "running"
+
+
+def _segments(m: JobModel) -> list[tuple[str, float, float]]:
+    """Job-level phases (name, start, end) in time order; see the module docstring."""
+    segs: list[tuple[str, float, float]] = []
+    if m.submitted_at is not None and m.first_start is not None and m.first_start > m.submitted_at:
+        segs.append(("queued", m.submitted_at, m.first_start))
+    prev_attempt_end: float | None = None
+    for attempt in sorted(m.attempts):
+        span = m.attempt_spans[attempt]
+        if prev_attempt_end is not None and span[0] > prev_attempt_end:
+            segs.append(("queued", prev_attempt_end, span[0]))
+        rounds = sorted((r for r in m.rounds.values() if r.attempt == attempt),
+                        key=lambda r: r.round)
+        rounds = [r for r in rounds if r.start is not None and r.end is not None]
+        cursor = span[0]
+        if rounds and rounds[0].start is not None and rounds[0].start > cursor:
+            segs.append(("startup", cursor, rounds[0].start))
+        for i, r in enumerate(rounds):
+            assert r.start is not None and r.end is not None
+            start = max(r.start, cursor)
+            if r.end > start:
+                segs.append(("rendezvous", start, r.end))
+            nxt: Round | None = rounds[i + 1] if i + 1 < len(rounds) else None
+            stop = nxt.start if nxt is not None and nxt.start is not None else span[1]
+            stop = max(stop, r.end)
+            if r.first_failure is not None and r.end <= r.first_failure <= stop:
+                segs.append(("lost to failures", r.end, r.first_failure))
+                if stop > r.first_failure:
+                    segs.append(("restarting", r.first_failure, stop))
+            elif stop > r.end:
+                segs.append(("training", r.end, stop))
+            cursor = max(cursor, stop)
+        prev_attempt_end = span[1]
+    return segs
+
+
+FAILURE_FIELDS = ("time", "error_time", "node", "attempt", "round", "rank", "exitcode",
+                  "message", "root")
+PHASES = ("queued", "startup", "rendezvous", "training", "restarting", "lost to failures")
+
+
+def summarize(job: Job) -> dict[str, Any]:
+    """The summary as a JSON-ready dict (the text output is rendered from it)."""
+    m = build(job)
+    segs = _segments(m)
+    split = {p: 0.0 for p in PHASES}
+    for name, a, b in segs:
+        split[name] += b - a
+    begin = m.submitted_at if m.submitted_at is not None else m.first_start
+    wall = (m.last_event - begin) if begin is not None and m.last_event is not None else None
+    restarts = [r for r in m.rounds.values() if r.restart]
+    failure_restarts = sum(1 for r in restarts if "failure" in r.restart_reasons)
+    status = status_of(m)
+    health = [h.as_dict() for h in m.health.values()]
+    if status == "running":
+        for h in health:
+            if h["ended"] == "vanished":
+                h["ended"] = "running?"  # cannot tell a live node from a dead one from files
+    return {
+        "job_id": m.job_id,
+        "job_dir": str(job.path),
+        "status": status,
+        "submitted_at": m.submitted_at,
+        "first_event": min((h.first for h in m.health.values() if h.first), default=None),
+        "last_event": m.last_event,
+        "wall_s": None if wall is None else round(wall, 3),
+        "time_split_s": {k: round(v, 3) for k, v in split.items()},
+        "nodes": m.nodes,
+        "attempts": len(m.attempts),
+        "attempt_ids": sorted(m.attempts),
+        "restarts": len(restarts),
+        "restarts_after_failure": failure_restarts,
+        "rendezvous_rounds": [r.as_dict() for r in sorted(m.rounds.values(),
+                                                           key=lambda r: (r.attempt, r.round))],
+        "failures_count": len(m.failures),
+        "failures": [{k: f[k] for k in FAILURE_FIELDS} for f in m.failures],
+        "preemptions": m.preemptions,
+        "requeues": m.requeues,
+        "node_health": health,
+        "events_read": m.events,
+        "notes": job.notes,
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    """The human-readable summary."""
+    out = [f"job {s['job_id'] or '?'}  {s['status'].upper()}  ({s['job_dir']})"]
+    out.append(f"wall time {dur(s['wall_s'])}  from {iso(s['submitted_at'] or s['first_event'])}"
+               f" to {iso(s['last_event'])}")
+    wall = s["wall_s"] or 0.0
+    for name, v in s["time_split_s"].items():
+        if v or name in ("rendezvous", "training"):
+            pct = f"{100 * v / wall:5.1f}%" if wall else "    -"
+            out.append(f"  {name:<17} {dur(v):>9} {pct}")
+    out.append(f"nodes {len(s['nodes'])}: {', '.join(s['nodes']) or '-'}")
+    out.append(f"attempts {s['attempts']}  worker-group restarts {s['restarts']} "
+               f"({s['restarts_after_failure']} after a failure)  failures {s['failures_count']}"
+               f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
+    out.append("rendezvous rounds:")
+    for r in s["rendezvous_rounds"]:
+        out.append(f"  attempt {r['attempt']} round {r['round']}: {dur(r['duration_s']):>8}  "
+                   f"at {iso(r['start'])}  nodes {','.join(r['participants'])}")
+    roots = [f for f in s["failures"] if f["root"]]
+    if roots:
+        out.append("root causes:")
+        for f in roots:
+            out.append(f"  {iso(f['time'])} {f['node']} rank {f['rank']} exit {f['exitcode']}: "
+                       f"{f['message'] or '(no message)'}")
+    out.append("node health:")
+    for h in s["node_health"]:
+        out.append(f"  {h['node']:<16} {h['ended']:<9} last {h['last_kind'] or '-'} at "
+                   f"{iso(h['last_event'])}")
+    foot = footer(s["notes"])
+    if foot:
+        out.append(foot)
+    return "\n".join(out)
