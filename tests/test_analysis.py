@@ -70,7 +70,9 @@ def test_summary_json_on_real_job(demo_job: Path, capsys: pytest.CaptureFixture[
     assert len(roots) == 1
     assert INJECTED.match(roots[0]["message"]), roots[0]
     assert roots[0]["node"] == failing_node(demo_job)
-    assert roots[0]["rank"] == 1 and roots[0]["exitcode"] == 1
+    # Usually exit 1; when the agent's SIGTERM reaches the raising rank before it exits, -15.
+    # Either way its error.json names the exception, which is what makes it the root.
+    assert roots[0]["rank"] == 1 and roots[0]["exitcode"] in (1, -15)
     assert s["failures_count"] == len(s["failures"]) >= 1
     split = s["time_split_s"]
     assert split["queued"] > 0 and split["rendezvous"] > 0 and split["training"] > 0
@@ -84,7 +86,8 @@ def test_summary_text(demo_job: Path, capsys: pytest.CaptureFixture[str]) -> Non
     rc, out = run_cmd(capsys, "summary", demo_job)
     assert rc == 0
     assert "SUCCEEDED" in out and "worker-group restarts 1" in out
-    assert f"{failing_node(demo_job)} rank 1 exit 1: RuntimeError: injected failure" in out
+    node = failing_node(demo_job)
+    assert re.search(rf"{node} rank 1 exit (1|-15): RuntimeError: injected failure", out)
 
 
 @pytest.mark.slow
