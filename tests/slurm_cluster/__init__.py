@@ -1,0 +1,1 @@
+"""The private multi-node Slurm test cluster: start.sh/stop.sh and the pytest fixture."""

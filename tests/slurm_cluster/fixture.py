@@ -1,0 +1,426 @@
+"""pytest side of the private multi-node Slurm test cluster (tests/slurm_cluster/start.sh).
+
+``tests/conftest.py`` re-exports the fixtures defined here:
+
+* ``slurm_cluster`` (session scope): starts the cluster with ``start.sh`` (or reuses a running
+  one), yields a :class:`SlurmCluster`, stops it at the end of the session only if this
+  session started it and no other pytest session still uses it.
+* tests marked ``@pytest.mark.slurm`` get the cluster even without naming the fixture.
+
+When the cluster cannot start, slurm tests are skipped -- except with ``CI=true``, where they
+fail. Environment knobs (all optional): ``HPC_ELASTIC_SLURM_DIR`` (state directory),
+``HPC_ELASTIC_SLURM_NODES``, ``HPC_ELASTIC_SLURM_PORT_BASE``, ``HPC_ELASTIC_SLURM_ACCOUNTING``
+(auto/1/0; CI defaults to 1 = required), ``HPC_ELASTIC_SLURM_KEEP=1`` (never stop the cluster at
+session end: faster reruns while developing). See tests/slurm_cluster/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+START = HERE / "start.sh"
+STOP = HERE / "stop.sh"
+DEFAULT_STATE_DIR = "/tmp/hpc_elastic_slurm"
+
+#: Job states after which a job does not change any more (by itself).
+TERMINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+# Variables that would make sbatch/srun/squeue talk about some other job or cluster (pytest may
+# itself run inside a Slurm job of a real cluster).
+_SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SACCT_", "SINFO_")
+
+
+class SlurmClusterError(RuntimeError):
+    """The test cluster could not be started, or a Slurm command failed."""
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("HPC_ELASTIC_SLURM_DIR", DEFAULT_STATE_DIR))
+
+
+def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SLURM_ENV_PREFIXES)}
+    # the daemons live in /usr/sbin, which a non-login PATH may lack
+    path = env.get("PATH", "/usr/bin:/bin")
+    for d in ("/usr/sbin", "/sbin"):
+        if d not in path.split(":"):
+            path += ":" + d
+    env["PATH"] = path
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class SlurmCluster:
+    """A running test cluster and helpers to drive it.
+
+    Attributes:
+        state_dir: the one directory holding all state, spool, logs and PID files.
+        slurm_conf: its slurm.conf (``SLURM_CONF``).
+        env: environment for Slurm commands (``subprocess.run([...], env=cluster.env)``):
+            the current environment without SLURM_*/SBATCH_*/... job variables, plus SLURM_CONF
+            and HPC_ELASTIC_SLURM_* (see cluster.env).
+        nodes: node names, e.g. ``["n1", "n2", "n3", "n4"]``; each resolves (via /etc/hosts)
+            to its own 127.0.0.x address (``node_addrs``).
+        partition: the (default) partition containing all nodes.
+        cluster_name: Slurm ClusterName.
+        cpus_per_node: CPUs each node declares (more than the machine has).
+        accounting: True when slurmdbd runs and ``sacct`` works.
+        accounting_mode: "slurmdbd", "none" (fallback: no sacct) or "broken".
+        started_here: whether this pytest session started the cluster.
+        start_seconds: wall time start.sh took in this session.
+    """
+
+    state_dir: Path
+    slurm_conf: Path
+    env: dict[str, str]
+    nodes: list[str]
+    node_addrs: dict[str, str]
+    partition: str
+    cluster_name: str
+    cpus_per_node: int
+    accounting_mode: str
+    started_here: bool = False
+    start_seconds: float = 0.0
+    start_output: str = field(default="", repr=False)
+
+    @property
+    def accounting(self) -> bool:
+        return self.accounting_mode == "slurmdbd"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    # -- running Slurm commands ---------------------------------------------------------------
+    def run(
+        self, args: Sequence[str], *, check: bool = True, timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command (``["sbatch", ...]``) against this cluster; text output captured."""
+        proc = subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+        )
+        if check and proc.returncode != 0:
+            raise SlurmClusterError(
+                f"{' '.join(args)} exited {proc.returncode}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def sbatch(self, *args: str | os.PathLike[str]) -> int:
+        """Submit (``sbatch --parsable ARGS...``) and return the job id."""
+        out = self.run(["sbatch", "--parsable", *map(str, args)]).stdout.strip()
+        return int(out.split(";")[0])
+
+    def scontrol_job(self, job_id: int) -> dict[str, str] | None:
+        """``scontrol show job`` as a dict (None once slurmctld has forgotten the job)."""
+        proc = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            return None
+        fields: dict[str, str] = {}
+        for token in proc.stdout.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                fields[key] = value
+        return fields
+
+    def job_state(self, job_id: int) -> str | None:
+        """Current state from slurmctld (e.g. RUNNING, COMPLETED), or from sacct once the job is
+        gone from slurmctld (after MinJobAge=600 s); None if unknown."""
+        info = self.scontrol_job(job_id)
+        if info is not None:
+            return info.get("JobState")
+        return self.sacct_state(job_id)
+
+    def sacct_state(self, job_id: int) -> str | None:
+        """The job allocation's state as accounting has it (None without accounting or
+        before slurmdbd has the record). "CANCELLED by 0" is reduced to "CANCELLED"."""
+        if not self.accounting:
+            return None
+        proc = self.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+        return lines[-1].split()[0] if proc.returncode == 0 and lines else None
+
+    def wait_job(
+        self,
+        job_id: int,
+        timeout: float = 120,
+        states: Sequence[str] | frozenset[str] = TERMINAL_STATES,
+        poll: float = 0.2,
+    ) -> str:
+        """Wait until the job reaches one of ``states`` (default: any terminal state) and
+        return that state; raises TimeoutError with the last state seen."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(poll)
+        raise TimeoutError(f"job {job_id} still {state} after {timeout} s")
+
+    def wait_sacct(self, job_id: int, states: Sequence[str], timeout: float = 30) -> str:
+        """Wait until sacct reports one of ``states`` (records reach slurmdbd asynchronously)."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.sacct_state(job_id)
+            if state in states:
+                return state
+            time.sleep(0.2)
+        raise TimeoutError(f"sacct: job {job_id} still {state} after {timeout} s")
+
+    def release(self, job_id: int) -> None:
+        """Let a requeued job start now instead of after its ~2 min BeginTime delay."""
+        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+
+    # -- nodes ------------------------------------------------------------------------------
+    def node_states(self) -> dict[str, str]:
+        """{node: state} from sinfo, e.g. idle, mixed, allocated, down* ('*': not responding)."""
+        out = self.run(["sinfo", "-h", "-N", "-p", self.partition, "-o", "%N %T"]).stdout
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def wait_node_state(self, node: str, states: Sequence[str], timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.node_states().get(node)
+            if state in states:
+                return state
+            time.sleep(0.2)
+        raise TimeoutError(f"node {node} still {state} after {timeout} s")
+
+    def slurmd_pid(self, node: str) -> int | None:
+        """PID of the slurmd of ``node`` that start.sh started, if it is still alive."""
+        try:
+            pid = int((self.state_dir / "pids" / f"slurmd-{node}.pid").read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if b"slurmd" in cmdline else None
+
+    def node_processes(self, node: str) -> list[int]:
+        """PIDs that "run on" ``node``: its slurmstepd processes (found by the node's slurmd log
+        file they keep open -- slurmstepd clears its environment) and every job process whose
+        environment says SLURMD_NODENAME=node in this cluster. Not the slurmd itself."""
+        log_file = str(self.log_dir / f"slurmd-{node}.log")
+        want_env = {f"SLURMD_NODENAME={node}".encode(), f"SLURM_CONF={self.slurm_conf}".encode()}
+        found = []
+        for proc_dir in Path("/proc").iterdir():
+            if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc_dir / "cmdline").read_bytes()
+                if cmdline.startswith(b"slurmstepd"):
+                    fds = proc_dir / "fd"
+                    if any(os.readlink(fd) == log_file for fd in fds.iterdir()):
+                        found.append(int(proc_dir.name))
+                    continue
+                environ = set((proc_dir / "environ").read_bytes().split(b"\0"))
+            except OSError:  # gone, or not ours to read
+                continue
+            if want_env <= environ:
+                found.append(int(proc_dir.name))
+        return sorted(found)
+
+    def kill_node(self, node: str, sig: int = signal.SIGKILL, processes: bool = True) -> list[int]:
+        """Simulate the loss of ``node``: send ``sig`` to its slurmd and, with ``processes``,
+        to everything running on it (:meth:`node_processes`), as a power cut would. slurmctld
+        notices after ~SlurmdTimeout (see README). Returns the PIDs signalled. Bring the node
+        back with :meth:`heal` (it returns to service by itself: ReturnToService=2)."""
+        pids = []
+        slurmd = self.slurmd_pid(node)
+        if slurmd is not None:
+            pids.append(slurmd)
+        if processes:
+            pids += self.node_processes(node)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return pids
+
+    def heal(self, timeout: float = 120) -> None:
+        """Run start.sh again: restart every dead daemon (e.g. a killed slurmd), resume DOWN
+        or DRAINED nodes, wait until all nodes are up."""
+        proc = subprocess.run(
+            ["bash", str(START)],
+            env=_start_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise SlurmClusterError(f"start.sh failed ({proc.returncode}):\n{proc.stderr}")
+
+    def tail_logs(self, lines: int = 30) -> str:
+        """The end of slurmctld's and every slurmd's log, for assertion messages."""
+        chunks = []
+        for name in ["slurmctld", *(f"slurmd-{n}" for n in self.nodes)]:
+            path = self.log_dir / f"{name}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                chunks.append(f"--- {path}\n" + "\n".join(tail))
+        return "\n".join(chunks)
+
+
+def _start_env() -> dict[str, str]:
+    env = _clean_env()
+    # CI must not silently lose sacct: accounting is required there unless said otherwise.
+    if in_ci():
+        env.setdefault("HPC_ELASTIC_SLURM_ACCOUNTING", "1")
+    return env
+
+
+def _load(started_here: bool, seconds: float, output: str) -> SlurmCluster:
+    sdir = state_dir()
+    info = json.loads((sdir / "cluster.json").read_text())
+    extra = {}
+    for line in (sdir / "cluster.env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            extra[key] = value
+    return SlurmCluster(
+        state_dir=Path(info["state_dir"]),
+        slurm_conf=Path(info["slurm_conf"]),
+        env=_clean_env(extra),
+        nodes=list(info["nodes"]),
+        node_addrs=dict(info["node_addrs"]),
+        partition=info["partition"],
+        cluster_name=info["cluster"],
+        cpus_per_node=int(info["cpus_per_node"]),
+        accounting_mode=info["accounting"],
+        started_here=started_here,
+        start_seconds=seconds,
+        start_output=output,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_cluster() -> SlurmCluster:
+    """Start (or reuse) the cluster; raises SlurmClusterError with start.sh's output."""
+    sdir = state_dir()
+    # Was it running before we came? Then it is not ours to stop.
+    was_running = (sdir / "cluster.json").exists() and _pid_file_alive(sdir / "pids/slurmctld.pid")
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(
+            ["bash", str(START)],
+            env=_start_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+            # own session: a Ctrl-C of pytest must not hit start.sh halfway through
+            start_new_session=True,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SlurmClusterError(f"start.sh could not run: {exc}") from exc
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SlurmClusterError(
+            f"start.sh exited {proc.returncode} after {seconds:.1f} s:\n{proc.stderr}{proc.stdout}"
+        )
+    return _load(started_here=not was_running, seconds=seconds, output=proc.stderr)
+
+
+def _pid_file_alive(path: Path) -> bool:
+    """The PID in ``path`` is a live process (a zombie, with its empty cmdline, is not)."""
+    try:
+        return bool(Path(f"/proc/{int(path.read_text())}/cmdline").read_bytes())
+    except (OSError, ValueError):
+        return False
+
+
+def stop_cluster() -> None:
+    subprocess.run(["bash", str(STOP)], env=_clean_env(), check=False, timeout=300)
+
+
+# -- leases: several pytest sessions (other engineers, xdist workers) may share the cluster ---
+def _take_lease(sdir: Path) -> Path:
+    leases = sdir / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    lease = leases / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lease.write_text(str(os.getpid()))
+    return lease
+
+
+def _other_live_leases(sdir: Path, mine: Path) -> list[Path]:
+    others = []
+    for lease in (sdir / "leases").glob("*"):
+        if lease == mine:
+            continue
+        try:
+            pid = int(lease.read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(pid):
+            others.append(lease)
+        else:
+            lease.unlink(missing_ok=True)  # a crashed session's lease
+    return others
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """The private multi-node Slurm cluster (see module docstring)."""
+    try:
+        cluster = start_cluster()
+    except SlurmClusterError as exc:
+        msg = f"the Slurm test cluster (tests/slurm_cluster/start.sh) did not start: {exc}"
+        if in_ci():
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    lease = _take_lease(cluster.state_dir)
+    try:
+        yield cluster
+    finally:
+        lease.unlink(missing_ok=True)
+        keep = os.environ.get("HPC_ELASTIC_SLURM_KEEP", "") not in ("", "0")
+        if cluster.started_here and not keep and not _other_live_leases(cluster.state_dir, lease):
+            stop_cluster()
+
+
+@pytest.fixture(autouse=True)
+def _slurm_marker_needs_cluster(request: pytest.FixtureRequest) -> None:
+    """A test marked ``@pytest.mark.slurm`` gets the cluster even if it does not ask for it
+    (and is skipped, or failed in CI, when the cluster cannot start)."""
+    if request.node.get_closest_marker("slurm") is not None:
+        request.getfixturevalue("slurm_cluster")

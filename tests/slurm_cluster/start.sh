@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# Start the private multi-node Slurm test cluster, or heal the running one.
+#
+#   tests/slurm_cluster/start.sh        # then: source $HPC_ELASTIC_SLURM_DIR/cluster.env
+#
+# One slurmctld, NNODES slurmd (`slurmd -N nX` on 127.0.0.(10+X)), a private munged, and for
+# accounting a private MariaDB + slurmdbd -- all on loopback, all state, spool, logs and PID
+# files under $STATE (default /tmp/hpc_elastic_slurm). Returns when every node is up in sinfo.
+#
+# Idempotent: with the cluster running and its configuration unchanged it only restarts what
+# died (e.g. a slurmd a node-loss test killed) and resumes DOWN/DRAINED nodes. If the
+# configuration changed (other node count, ports, template) the cluster is restarted.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=common.sh
+. "$HERE/common.sh"
+
+t_start=$(now)
+
+# --- 0. programs ------------------------------------------------------------------------------
+for prog in slurmctld slurmd slurmstepd sbatch scontrol sinfo munged flock setsid; do
+    if ! command -v "$prog" >/dev/null; then
+        log "$prog is missing; running install-deps.sh"
+        bash "$HERE/install-deps.sh" >&2
+        break
+    fi
+done
+[ "$(id -u)" -eq 0 ] || die "must run as root (daemons, /etc/hosts); we are $(id -un)"
+
+take_lock
+mkdir -p "$STATE"/{etc,pids,run,log,ctld,spool,munge}
+chmod 700 "$STATE/munge"
+
+# --- 1. names: every node resolves through /etc/hosts to its own loopback address ------------
+# Checked with grep, not getent: a name missing from /etc/hosts would go on to DNS.
+HOSTS_MARK="# hpc_elastic slurm test cluster"
+for ((i = 1; i <= NNODES; i++)); do
+    name=$(node_name "$i")
+    addr=$(node_addr "$i")
+    if grep -Eq "^[[:space:]]*${addr//./\\.}[[:space:]]+([^#]*[[:space:]])?${name}([[:space:]]|#|$)" /etc/hosts; then
+        continue
+    fi
+    # The name must not already map to another address.
+    if awk -v n="$name" '!/^[[:space:]]*#/ { for (f = 2; f <= NF && $f !~ /^#/; f++) if ($f == n) found = 1 } END { exit !found }' /etc/hosts; then
+        die "/etc/hosts maps $name to another address than $addr; fix it by hand"
+    fi
+    [ -w /etc/hosts ] || die "cannot add '$addr $name' to /etc/hosts (not writable)"
+    # append in place (no rename: /etc/hosts may be a bind mount)
+    printf '%s %s %s\n' "$addr" "$name" "$HOSTS_MARK" >>/etc/hosts
+    log "added '$addr $name' to /etc/hosts"
+done
+
+# --- 2. configuration --------------------------------------------------------------------------
+CTLD_HOST=$(hostname -s)
+nodes_conf=""
+for ((i = 1; i <= NNODES; i++)); do
+    nodes_conf+="NodeName=$(node_name "$i") NodeHostname=$(node_name "$i") NodeAddr=$(node_addr "$i") Port=$(node_port "$i") CPUs=$CPUS_PER_NODE RealMemory=4096 State=UNKNOWN"$'\n'
+done
+NODELIST="${NODE_PREFIX}[1-$NNODES]"
+
+# Accounting: slurmdbd + MariaDB unless switched off or the programs are missing.
+use_acct=0
+case $ACCOUNTING in
+    0 | no | false) ;;
+    *)
+        if command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null &&
+            command -v mariadb-install-db >/dev/null && command -v mariadb >/dev/null; then
+            use_acct=1
+        elif [ "$ACCOUNTING" = 1 ]; then
+            die "accounting required (HPC_ELASTIC_SLURM_ACCOUNTING=1) but slurmdbd/mariadb missing"
+        fi
+        ;;
+esac
+
+# render TEMPLATE: fill the @NAME@ placeholders
+render() {
+    local text
+    text=$(<"$1")
+    text=${text//@STATE@/$STATE}
+    text=${text//@CLUSTER@/$CLUSTER}
+    text=${text//@PARTITION@/$PARTITION}
+    text=${text//@CTLD_HOST@/$CTLD_HOST}
+    text=${text//@CTLD_PORT@/$CTLD_PORT}
+    text=${text//@DBD_PORT@/$DBD_PORT}
+    text=${text//@DB_PORT@/$DB_PORT}
+    text=${text//@FIRST_SLURMD_PORT@/$FIRST_SLURMD_PORT}
+    text=${text//@SLURMD_TIMEOUT@/$SLURMD_TIMEOUT}
+    text=${text//@MESSAGE_TIMEOUT@/$MESSAGE_TIMEOUT}
+    text=${text//@PROCTRACK@/$PROCTRACK}
+    text=${text//@NODES@/$nodes_conf}
+    text=${text//@NODELIST@/$NODELIST}
+    text=${text//@ACCOUNTING@/$acct_conf}
+    printf '%s\n' "$text"
+}
+
+# Process tracking: proctrack/cgroup (cgroup v1 freezer; each node gets its own slurm_<node>
+# tree) kills every process of a step when it ends, as on a real cluster, including ones that
+# left the process tree (setsid + reparenting: an agent's workers after the agent was
+# SIGKILLed). proctrack/linuxproc needs no cgroups but loses such processes: they outlive
+# the step (and, holding its output pipes, can keep it from ending).
+if [ "$PROCTRACK" = auto ]; then
+    PROCTRACK=linuxproc
+    probe=/sys/fs/cgroup/freezer/hpc_elastic_probe.$$
+    if [ -f /sys/fs/cgroup/freezer/cgroup.procs ] && mkdir "$probe" 2>/dev/null; then
+        rmdir "$probe"
+        PROCTRACK=cgroup
+    fi
+fi
+case $PROCTRACK in
+    cgroup | linuxproc | pgid) ;;
+    *) die "HPC_ELASTIC_SLURM_PROCTRACK=$PROCTRACK: use auto, cgroup, linuxproc or pgid" ;;
+esac
+
+# make_conf: set new_conf (slurm.conf without FirstJobId, which changes on every fresh start)
+# and its fingerprint for the current $use_acct.
+make_conf() {
+    if [ "$use_acct" = 1 ]; then
+        acct_conf="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+# Not a password: with slurmdbd this names the MUNGE socket for talking to slurmdbd. Left
+# out, clients (sacct, sacctmgr, slurmctld) use the system socket instead of AuthInfo's.
+AccountingStoragePass=$STATE/munge/munge.socket
+JobCompType=jobcomp/none"
+    else
+        # No slurmdbd: sacct does not work. Finished jobs are still listed by squeue/scontrol
+        # for MinJobAge seconds and in a plain-text completion log.
+        acct_conf="AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE/log/jobcomp.txt"
+    fi
+    new_conf=$(render "$HERE/slurm.conf.in")
+    fingerprint=$(printf '%s\n%s\n' "$new_conf" "$(render "$HERE/slurmdbd.conf.in")" | md5sum | cut -d' ' -f1)
+}
+make_conf
+old_fingerprint=$(cat "$STATE/etc/fingerprint" 2>/dev/null || true)
+
+if alive slurmctld && [ "$fingerprint" != "$old_fingerprint" ]; then
+    log "configuration changed: restarting the cluster"
+    bash "$HERE/stop.sh"
+fi
+mkdir -p "$STATE"/{etc,pids,run,log,ctld,spool,munge}
+
+# launch NAME CMD...: start a daemon in the foreground of its own session (setsid: a Ctrl-C or
+# a killed process group of the caller does not reach it), output to log/NAME.out, and record
+# its PID. fd 9 (our lock) is closed for it, else the daemon would hold the lock for good.
+# HPC_ELASTIC_SLURM_DIR in its environment marks it as ours (pid_of in common.sh).
+launch() {
+    local name=$1
+    shift
+    HPC_ELASTIC_SLURM_DIR=$STATE setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 9>&- &
+    echo $! >"$STATE/pids/$name.pid"
+}
+
+# wait_until SECONDS WHAT CMD...: poll CMD every 0.1 s. When WHAT is the name of a daemon we
+# launched, give up as soon as that daemon has died.
+wait_until() {
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    # a deadline in wall time: one probe can itself take seconds (a client retrying munge)
+    while ((SECONDS < deadline)); do
+        "$@" >/dev/null 2>&1 && return 0
+        if [ -e "$STATE/pids/$what.pid" ] && ! alive "$what"; then
+            log "$what exited while starting"
+            return 1
+        fi
+        sleep 0.1
+    done
+    log "timed out after ${secs}s waiting for $what"
+    return 1
+}
+
+# show_log FILE...: the end of daemon logs, for failures
+show_log() {
+    local f
+    for f in "$@"; do
+        [ -f "$f" ] && { log "--- tail of $f"; tail -n 25 "$f" >&2; }
+    done
+    return 0
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# --- 3. munge: private key and socket ----------------------------------------------------------
+MUNGE_SOCKET="$STATE/munge/munge.socket"
+if [ ! -s "$STATE/munge/munge.key" ]; then
+    (umask 077 && dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none)
+fi
+chmod 400 "$STATE/munge/munge.key"
+munge_ok() { munge -S "$MUNGE_SOCKET" -n | unmunge -S "$MUNGE_SOCKET"; }
+if ! alive munged; then
+    rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+    # -F: foreground (we keep its PID); --force: /tmp is world-writable, munged would refuse
+    launch munged munged -F --force --socket="$MUNGE_SOCKET" \
+        --key-file="$STATE/munge/munge.key" --pid-file="$STATE/run/munged.pid" \
+        --log-file="$STATE/log/munged.log" --seed-file="$STATE/munge/munged.seed"
+    wait_until 10 munged munge_ok || { show_log "$STATE/log/munged.log" "$STATE/log/munged.out"; die "munged did not start"; }
+fi
+
+# --- 4. accounting: MariaDB + slurmdbd -----------------------------------------------------------
+DB="$STATE/mysql"
+DB_SOCKET="$DB/mysqld.sock"
+db_ping() { mariadb-admin --no-defaults --socket="$DB_SOCKET" -uroot ping; }
+db_sql() { mariadb --no-defaults --socket="$DB_SOCKET" -uroot -N -B -e "$1"; }
+start_accounting() {
+    if ! alive mariadbd; then
+        if [ ! -d "$DB/data/mysql" ]; then
+            rm -rf "$DB/data"
+            mkdir -p "$DB/data"
+            local t
+            t=$(now)
+            mariadb-install-db --no-defaults --user=root --datadir="$DB/data" \
+                --auth-root-authentication-method=socket --skip-test-db \
+                >"$STATE/log/mariadb-install.log" 2>&1 ||
+                { show_log "$STATE/log/mariadb-install.log"; return 1; }
+            log "MariaDB data directory created in $(awk "BEGIN{printf \"%.1f\", $(now) - $t}") s"
+        fi
+        port_busy "$DB_PORT" && { log "port $DB_PORT (MariaDB) is taken by someone else"; return 1; }
+        rm -f "$DB_SOCKET"
+        # Small and unsafe-but-fast settings: a throwaway test database.
+        launch mariadbd mariadbd --no-defaults --user=root --datadir="$DB/data" \
+            --socket="$DB_SOCKET" --pid-file="$STATE/run/mariadbd.pid" \
+            --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
+            --log-error="$STATE/log/mariadb.log" --skip-log-bin \
+            --innodb-buffer-pool-size=64M --innodb-log-file-size=16M \
+            --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0 \
+            --innodb-use-native-aio=0 --performance-schema=0
+        wait_until 60 MariaDB db_ping || { show_log "$STATE/log/mariadb.log"; return 1; }
+        db_sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+                GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || return 1
+    fi
+    if ! alive slurmdbd; then
+        port_busy "$DBD_PORT" && { log "port $DBD_PORT (slurmdbd) is taken by someone else"; return 1; }
+        # The first start creates the tables (a few seconds).
+        # (slurmdbd has no -f: it reads slurmdbd.conf next to $SLURM_CONF)
+        launch slurmdbd slurmdbd -D
+        wait_until 60 slurmdbd sacctmgr -n show cluster ||
+            { show_log "$STATE/log/slurmdbd.log" "$STATE/log/slurmdbd.out"; return 1; }
+    fi
+    if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; then
+        sacctmgr -i add cluster "$CLUSTER" >/dev/null || return 1
+    fi
+}
+
+# --- 5. write the configuration; fresh start or heal? -------------------------------------------
+fresh=0
+alive slurmctld || fresh=1
+if [ "$fresh" = 1 ]; then
+    # slurmctld is gone: stop leftover slurmd so that every node registers with the new one.
+    for f in "$STATE"/pids/slurmd-*.pid; do
+        [ -e "$f" ] || continue
+        n=$(basename "$f" .pid)
+        stop_pid "$n" TERM 5
+    done
+fi
+render "$HERE/slurmdbd.conf.in" >"$STATE/etc/slurmdbd.conf"
+chmod 600 "$STATE/etc/slurmdbd.conf" # slurmdbd refuses a readable config (it holds a password)
+# read by slurmd only with ProctrackType=proctrack/cgroup: freezer only, no constraints
+printf 'CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nConstrainCores=no\nConstrainRAMSpace=no\n' \
+    >"$STATE/etc/cgroup.conf"
+
+acct_state=none
+if [ "$use_acct" = 1 ]; then
+    # sacctmgr/sacct read slurm.conf to find slurmdbd; a fresh start may still have an old one.
+    if [ "$fresh" = 1 ]; then printf '%s\n' "$new_conf" >"$STATE/etc/slurm.conf"; fi
+    if start_accounting; then
+        acct_state=slurmdbd
+    elif [ "$ACCOUNTING" = 1 ]; then
+        die "accounting (slurmdbd + MariaDB) did not start"
+    elif [ "$fresh" = 1 ]; then
+        log "WARNING: accounting (slurmdbd + MariaDB) did not start; running without it (no sacct)"
+        stop_pid slurmdbd TERM 5
+        stop_pid mariadbd TERM 10
+        # The next start.sh sees a changed fingerprint and tries accounting again.
+        use_acct=0
+        make_conf
+    else
+        log "WARNING: accounting (slurmdbd + MariaDB) is down and did not restart; sacct is stale"
+        acct_state=broken
+    fi
+fi
+
+if [ "$fresh" = 1 ]; then
+    # A clean controller: no jobs of earlier runs (they would be requeued onto this cluster).
+    # (dbd.messages -- accounting records slurmctld could not hand to slurmdbd -- is kept:
+    # slurmctld sends them on start.)
+    find "$STATE/ctld" -mindepth 1 -maxdepth 1 ! -name dbd.messages -exec rm -rf {} +
+    rm -rf "${STATE:?}/spool"
+    mkdir -p "$STATE/ctld" "$STATE/spool"
+    # Job IDs continue after the highest one accounting has ever seen, so that sacct never
+    # mixes a new job with an old one of the same ID.
+    first_id=1
+    if [ "$acct_state" = slurmdbd ]; then
+        last_id=$(sacct -a -X -n -P -o JobIDRaw -S 2000-01-01 -E now 2>/dev/null |
+            grep -Eo '^[0-9]+' | sort -n | tail -n 1 || true)
+        [ -n "$last_id" ] && first_id=$((last_id + 1))
+    fi
+    printf '%s\nFirstJobId=%s\n' "$new_conf" "$first_id" >"$STATE/etc/slurm.conf"
+    echo "$fingerprint" >"$STATE/etc/fingerprint"
+
+    for port in "$CTLD_PORT" $(for ((i = 1; i <= NNODES; i++)); do node_port "$i"; done); do
+        port_busy "$port" && die "port $port is taken by another program (set HPC_ELASTIC_SLURM_PORT_BASE)"
+    done
+    launch slurmctld slurmctld -D -f "$STATE/etc/slurm.conf"
+    wait_until 30 slurmctld scontrol ping ||
+        { show_log "$STATE/log/slurmctld.log" "$STATE/log/slurmctld.out"; die "slurmctld did not start"; }
+fi
+
+# --- 6. slurmd, one per node -------------------------------------------------------------------
+for ((i = 1; i <= NNODES; i++)); do
+    name=$(node_name "$i")
+    alive "slurmd-$name" && continue
+    mkdir -p "$STATE/spool/$name"
+    launch "slurmd-$name" slurmd -D -N "$name" -f "$STATE/etc/slurm.conf"
+done
+
+# --- 7. wait until every node is up ------------------------------------------------------------
+# Healthy: idle / mixed / allocated / completing, no '*' (not responding), not down or drained.
+# A node left DOWN or DRAINED by an earlier test is resumed once its slurmd answers.
+nodes_up() {
+    local states bad
+    states=$(sinfo -h -N -p "$PARTITION" -o '%N %T' 2>/dev/null) || return 1
+    [ "$(wc -l <<<"$states")" -ge "$NNODES" ] || return 1
+    bad=$(awk '$2 !~ /^(idle|mixed|allocated|completing)$/' <<<"$states")
+    [ -z "$bad" ]
+}
+resume_down_nodes() {
+    local node state
+    while read -r node state; do
+        case ${state%\*} in # a trailing '*' means "not responding (yet)"
+            down | drained | draining | drain | fail | failing)
+                log "resuming $node (was $state)"
+                scontrol update nodename="$node" state=resume 2>/dev/null || true
+                ;;
+        esac
+    done < <(sinfo -h -N -p "$PARTITION" -o '%N %T' 2>/dev/null)
+}
+t_wait=$(now)
+[ "$fresh" = 1 ] || resume_down_nodes
+wait_until 30 "all nodes up" nodes_up || {
+    sinfo -N -l >&2 || true
+    show_log "$STATE/log/slurmctld.log" "$STATE"/log/slurmd-*.out
+    die "nodes did not come up"
+}
+
+# --- 8. what clients need ----------------------------------------------------------------------
+nodes_csv=$(for ((i = 1; i <= NNODES; i++)); do node_name "$i"; done | paste -sd, -)
+cat >"$STATE/cluster.env" <<EOF
+# source this file to use the hpc_elastic test cluster
+export SLURM_CONF=$STATE/etc/slurm.conf
+export HPC_ELASTIC_SLURM_DIR=$STATE
+export HPC_ELASTIC_SLURM_CLUSTER=$CLUSTER
+export HPC_ELASTIC_SLURM_PARTITION=$PARTITION
+export HPC_ELASTIC_SLURM_NODELIST=$nodes_csv
+export HPC_ELASTIC_SLURM_ACCOUNTING=$acct_state
+EOF
+cat >"$STATE/cluster.json" <<EOF
+{
+  "state_dir": "$STATE",
+  "slurm_conf": "$STATE/etc/slurm.conf",
+  "cluster": "$CLUSTER",
+  "partition": "$PARTITION",
+  "nodes": [$(for ((i = 1; i <= NNODES; i++)); do printf '%s"%s"' "$([ "$i" -gt 1 ] && echo ', ')" "$(node_name "$i")"; done)],
+  "node_addrs": {$(for ((i = 1; i <= NNODES; i++)); do printf '%s"%s": "%s"' "$([ "$i" -gt 1 ] && echo ', ')" "$(node_name "$i")" "$(node_addr "$i")"; done)},
+  "cpus_per_node": $CPUS_PER_NODE,
+  "accounting": "$acct_state",
+  "ports": {"slurmctld": $CTLD_PORT, "slurmdbd": $DBD_PORT, "mariadb": $DB_PORT, "first_slurmd": $FIRST_SLURMD_PORT}
+}
+EOF
+
+t_end=$(now)
+mode=$([ "$fresh" = 1 ] && echo started || echo "checked (already running)")
+log "$mode: $NNODES nodes up, accounting=$acct_state, in $(awk "BEGIN{printf \"%.2f\", $t_end - $t_start}") s (nodes: $(awk "BEGIN{printf \"%.2f\", $t_end - $t_wait}") s); source $STATE/cluster.env"
