@@ -1,0 +1,384 @@
+"""``SharedFSRendezvousHandler``: torch's ``RendezvousHandler`` over a shared directory.
+
+The handler is the only piece with I/O and threads; the rules live in :mod:`.protocol`.
+Why not torch's ``DynamicRendezvousHandler`` with a file backend? It sleeps a fixed second
+between polls (``_Action.SYNC``) and judges heartbeats by comparing the writers' wall clocks. This
+handler polls the first line of a small file every 20 ms (backing off to 200 ms while nothing
+changes), so a round forms in tens of milliseconds, and judges liveness by counters on the
+reader's own monotonic clock.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.elastic.rendezvous.api import (
+    RendezvousClosedError,
+    RendezvousGracefulExitError,
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousStoreInfo,
+    RendezvousTimeoutError,
+)
+
+from . import protocol
+from .events import DEFAULT_DESTINATION, EventEmitter, logger
+from .heartbeat import HeartbeatWriter, LivenessObserver, watch_set
+from .layout import RunLayout
+from .locking import probe_flock
+from .settings import Settings
+from .state import COMPLETE, JOINING, FsOps, State, StateFile
+
+BACKEND_NAME = "sharedfs"
+#: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
+WATCH_FANOUT = 8
+_HOST_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def make_node_id() -> str:
+    """``<host>-<pid>-<random>``: unique per handler, readable in logs, safe as a file name."""
+    host = _HOST_CHARS.sub("_", socket.gethostname().split(".")[0])[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def free_port() -> int:
+    """A port free right now on this node, for the workers' ``MASTER_PORT`` if we get rank 0."""
+    for family, addr in ((socket.AF_INET, ""), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((addr, 0))
+                return int(sock.getsockname()[1])
+        except OSError:
+            continue
+    raise OSError("no free TCP port on this node")
+
+
+class SharedFSRendezvousHandler(RendezvousHandler):
+    """A rendezvous whose only meeting point is a directory every node mounts.
+
+    Build it with :func:`hpc_elastic.rendezvous.create_handler` (or through torchrun with
+    ``--rdzv-backend=sharedfs``). One handler is one node for the lifetime of its process.
+    """
+
+    def __init__(self, root: Path | str, settings: Settings, local_addr: str | None = None,
+                 event_destination: str = DEFAULT_DESTINATION) -> None:
+        self._settings = settings
+        self._layout = RunLayout(Path(root).absolute(), settings.run_dir_name)
+        self._node = make_node_id()
+        self._events = EventEmitter(settings.run_id, settings.attempt, self._node,
+                                    event_destination)
+        self._layout.create()
+        probe_flock(self._layout.run_dir)
+        #: Filesystem operations made by this handler (state, heartbeats; not the FileStore).
+        self.fs_ops = FsOps()
+        self._state_file = StateFile(self._layout, settings.lock_timeout, self.fs_ops)
+        self._addr = local_addr or socket.getfqdn()
+        self._round: int | None = None
+        self._beater = HeartbeatWriter(self._layout.heartbeat(self._node), self.fs_ops)
+        self._observer = LivenessObserver(self._layout.heartbeats, settings.heartbeat_timeout,
+                                          self.fs_ops)
+        self._hb_thread: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self._nnw_cache: tuple[float, int] = (-1.0, 0)
+        self._shut = False
+
+    # ------------------------------------------------------------------------- identity, getters
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def node_id(self) -> str:
+        return self._node
+
+    @property
+    def run_dir(self) -> Path:
+        return self._layout.run_dir
+
+    @property
+    def round(self) -> int | None:
+        """The round this node last completed (``None`` before its first rendezvous)."""
+        return self._round
+
+    def get_backend(self) -> str:
+        return BACKEND_NAME
+
+    def get_run_id(self) -> str:
+        return self._settings.run_id
+
+    @property
+    def use_agent_store(self) -> bool:
+        # Workers must not depend on a store hosted by one agent: it dies with its node. They
+        # build their own TCPStore at MASTER_ADDR:MASTER_PORT, which we publish per round.
+        return False
+
+    # --------------------------------------------------------------------------- the rendezvous
+    def next_rendezvous(self) -> RendezvousInfo:
+        s = self._settings
+        start = time.monotonic()
+        deadline = start + s.join_timeout
+        leaving = self._round
+        self._start_heartbeats()
+        endpoint = f"{self._addr}:{free_port()}"
+        self._events.emit("started", f"joining (leaving round {leaving})", leaving_round=leaving)
+        try:
+            state = self._step(endpoint, leaving)
+            state = self._wait(state, endpoint, leaving, start, deadline)
+        except Exception as exc:
+            self._events.emit(
+                "failed", f"{type(exc).__name__}: {exc}", error=type(exc).__name__,
+                duration_ms=round((time.monotonic() - start) * 1000, 3),
+            )
+            raise
+        return self._result(state, start)
+
+    def _step(self, endpoint: str, leaving: int | None) -> State:
+        s = self._settings
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes)
+            return bool(done)
+
+        state = self._state_file.transact(change)
+        self._report(done, state)
+        return state
+
+    def _wait(self, state: State, endpoint: str, leaving: int | None, start: float,
+              deadline: float) -> State:
+        s = self._settings
+        pause = s.poll_interval
+        last_call: tuple[int, float] | None = None  # (round, when we first saw >= min_nodes)
+        acted_on = state.version
+        while True:
+            # Membership first: a peer may finish and close right after the round completed,
+            # before we polled; we are still part of the round it completed.
+            if (state.phase == COMPLETE and self._node in state.participants
+                    and (leaving is None or state.round > leaving)):
+                return state
+            if state.closed:
+                self._raise_closed(state)
+            now = time.monotonic()
+            if now >= deadline:
+                self._give_up(state)
+            wake = deadline
+            if (state.phase == JOINING and self._node in state.participants
+                    and len(state.participants) >= s.min_nodes):
+                if last_call is None or last_call[0] != state.round:
+                    last_call = (state.round, now)
+                expires = last_call[1] + s.last_call_timeout
+                if now >= expires:
+                    state = self._last_call(state.round)
+                    acted_on = state.version
+                    continue
+                wake = min(wake, expires)
+            else:
+                last_call = None
+            if state.version != acted_on:
+                acted_on = state.version
+                if protocol.join(state.copy(), self._node, endpoint, leaving,
+                                 s.min_nodes, s.max_nodes):
+                    state = self._step(endpoint, leaving)
+                    acted_on = state.version
+                    continue
+            time.sleep(max(0.0, min(pause, wake - time.monotonic())))
+            head = self._state_file.read_head()
+            if head is not None and head.version != state.version:
+                state = self._state_file.read() or state
+                pause = s.poll_interval
+            else:
+                pause = min(pause * 1.5, s.poll_interval_max)
+
+    def _last_call(self, round_: int) -> State:
+        s = self._settings
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.last_call(st, self._node, round_, s.min_nodes)
+            return bool(done)
+
+        state = self._state_file.transact(change)
+        self._report(done, state)
+        return state
+
+    def _result(self, state: State, start: float) -> RendezvousInfo:
+        rank = state.participants.index(self._node)
+        world = len(state.participants)
+        master_addr, _, port = state.endpoints[state.participants[0]].rpartition(":")
+        path = self._layout.store(state.round, state.token)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # FileStore would make it 0644
+        store = dist.FileStore(str(path), -1)
+        store.set_timeout(timedelta(seconds=max(300.0, self._settings.join_timeout)))
+        self._round = state.round
+        self._nnw_cache = (-1.0, 0)
+        elapsed = time.monotonic() - start
+        self._events.emit(
+            "completed",
+            f"round {state.round}: rank {rank} of {world}, master {master_addr}:{port}, "
+            f"{elapsed * 1000:.0f} ms",
+            round=state.round, rank=rank, world_size=world, master_addr=master_addr,
+            master_port=int(port), duration_ms=round(elapsed * 1000, 3),
+        )
+        return RendezvousInfo(store, rank, world, RendezvousStoreInfo(master_addr, int(port)))
+
+    def _raise_closed(self, state: State) -> None:
+        if self._node in state.waiting:
+            raise RendezvousGracefulExitError(
+                f"The rendezvous {self._settings.run_id!r} was closed while this node was "
+                "waiting to join: the job finished without needing it."
+            )
+        if self._round is None and self._node not in state.participants:
+            raise RendezvousClosedError(
+                f"The rendezvous {self._settings.run_id!r} in {str(self.run_dir)!r} is closed: "
+                "a job with this run id (and attempt) already finished. Start a new run with a "
+                "new run id (torchrun --rdzv-id), or pass a new attempt (--rdzv-conf attempt=N), "
+                "or delete that directory if no job uses it."
+            )
+        raise RendezvousClosedError(f"The rendezvous {self._settings.run_id!r} is closed.")
+
+    def _give_up(self, state: State) -> None:
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.leave(st, self._node)
+            return bool(done)
+
+        try:
+            self._state_file.transact(change, timeout=5.0)
+        except Exception:  # best effort: our heartbeat will stop anyway
+            logger.debug("could not withdraw after the join timeout", exc_info=True)
+        s = self._settings
+        raise RendezvousTimeoutError(
+            f"The rendezvous {s.run_id!r} did not complete within join_timeout="
+            f"{s.join_timeout:.0f} s: round {state.round} has {len(state.participants)} node(s), "
+            f"min_nodes={s.min_nodes}. Start more nodes or raise join_timeout "
+            "(--rdzv-conf join_timeout=SECONDS)."
+        )
+
+    def _report(self, done: list[str], state: State) -> None:
+        for what in done:
+            kind, _, detail = what.partition(":")
+            if kind == "completed":
+                self._events.emit("round_formed", f"formed round {state.round} ({detail}) with "
+                                  f"{len(state.participants)} node(s)", round=state.round,
+                                  world_size=len(state.participants), reason=detail)
+            elif kind == "dead":
+                self._events.emit("node_dead", f"declared {detail} dead", round=state.round,
+                                  dead_node=detail)
+            elif kind in ("opened", "waiting", "resurrected", "left", "closed"):
+                self._events.emit(kind, f"{kind} (round {state.round})", round=state.round)
+
+    # ------------------------------------------------------------------- membership and closing
+    def num_nodes_waiting(self) -> int:
+        """Nodes that need a re-rendezvous to get in, or ``>= 1`` if our round is obsolete.
+
+        The agent calls this every ``monitor_interval`` while workers are healthy and restarts
+        them when it is positive. Besides late joiners we also report "our round is over" (a
+        newer round is forming, or a member of ours was declared dead), so that healthy nodes
+        re-form promptly even when their workers have not noticed the loss yet. The head of the
+        state file is read at most once per ``poll_interval_max``.
+        """
+        now = time.monotonic()
+        when, value = self._nnw_cache
+        if now - when < self._settings.poll_interval_max:
+            return value
+        value = self._count_waiting()
+        self._nnw_cache = (now, value)
+        return value
+
+    def _count_waiting(self) -> int:
+        head = self._state_file.read_head()
+        if head is None or head.closed:
+            return 0
+        late = head.nw if head.phase == COMPLETE and head.n < self._settings.max_nodes else 0
+        if self._round is None:
+            return late
+        if head.round != self._round:
+            return max(1, head.n)
+        return late + head.nd if head.phase == COMPLETE else 0
+
+    def is_closed(self) -> bool:
+        head = self._state_file.read_head()
+        return bool(head and head.closed)
+
+    def set_closed(self) -> None:
+        self._state_file.transact(lambda st: bool(protocol.close(st)),
+                                  timeout=self._settings.close_timeout)
+        self._events.emit("closed", "closed the rendezvous", round=self._round)
+
+    def shutdown(self) -> bool:
+        """Stop heartbeats and close the rendezvous (torch semantics: the job is over)."""
+        if self._shut:
+            return True
+        self._shut = True
+        self._stop_heartbeats()
+        try:
+            self.set_closed()
+            return True
+        except Exception as exc:
+            logger.warning("shutdown of rendezvous %s failed: %s", self._settings.run_id, exc)
+            return False
+
+    # -------------------------------------------------------------------------------- heartbeats
+    def _start_heartbeats(self) -> None:
+        if self._hb_thread is not None:
+            return
+        self._beater.beat()  # before joining: watchers must find a counter from the start
+        self._hb_thread = threading.Thread(
+            target=self._heartbeat_loop, name=f"sharedfs-heartbeat-{self._node}", daemon=True
+        )
+        self._hb_thread.start()
+        self._events.emit("heartbeat_started", "heartbeat thread started")
+
+    def _stop_heartbeats(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+            self._hb_thread.join(timeout=self._settings.heartbeat_interval + 5)
+
+    def _heartbeat_loop(self) -> None:
+        cached: State | None = None
+        while not self._hb_stop.wait(self._settings.heartbeat_interval):
+            try:
+                self._beater.beat()
+                head = self._state_file.read_head()
+                if head is None or head.closed:
+                    continue
+                if cached is None or cached.version != head.version:
+                    cached = self._state_file.read()
+                if cached is None:
+                    continue
+                watched = watch_set(protocol.members(cached), self._node, WATCH_FANOUT)
+                dead = self._observer.observe(watched)
+                if dead and not self._hb_stop.is_set():
+                    self._declare_dead(sorted(dead), dead)
+            except Exception:  # keep beating whatever happens; report once per failure
+                logger.warning("sharedfs heartbeat iteration failed", exc_info=True)
+
+    def _declare_dead(self, nodes: list[str], silent: dict[str, float]) -> None:
+        s = self._settings
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.declare_dead(st, nodes, s.min_nodes, s.max_nodes)
+            return bool(done)
+
+        state = self._state_file.transact(change)
+        for what in done:
+            kind, _, node = what.partition(":")
+            if kind == "dead":
+                self._events.emit(
+                    "node_dead",
+                    f"declared {node} dead: heartbeat counter unchanged for "
+                    f"{silent.get(node, 0.0):.1f} s (by this node's clock)",
+                    round=state.round, dead_node=node,
+                    silent_s=round(silent.get(node, 0.0), 3),
+                )
+        self._report([d for d in done if not d.startswith("dead:")], state)
