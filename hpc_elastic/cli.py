@@ -3,8 +3,7 @@
 Each command is one small function that parses nothing itself; the heavy modules (torch, submitit)
 are imported inside the command so that ``--help`` stays instant.
 
-Exit codes: 0 success, 1 the job or check failed, 2 bad input (config, arguments),
-3 the command is not available yet in this version.
+Exit codes: 0 success, 1 the job or check failed, 2 bad input (config, arguments).
 """
 
 from __future__ import annotations
@@ -13,33 +12,22 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hpc_elastic import __version__
 from hpc_elastic.analysis import cli as analysis_cli
 from hpc_elastic.config import ConfigError
+from hpc_elastic.jobdir import JobDir, find_jobdir
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_NOT_AVAILABLE = 3
 
 Command = Callable[[argparse.Namespace], int]
 
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one paragraph, exit code 2."""
-
-
-def _not_yet(what: str, issue: str) -> Command:
-    def command(args: argparse.Namespace) -> int:
-        print(
-            f"hpc-elastic {args.command}: {what} is not available yet in version {__version__} "
-            f"({issue}). Nothing was done.",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_AVAILABLE
-
-    return command
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +91,79 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_agent(args.jobdir)
 
 
+def _find_job(args: argparse.Namespace) -> JobDir:
+    jobdir = find_jobdir(args.job, [Path(args.root)])
+    if jobdir is None:
+        raise UsageError(f"{args.job}: not a job directory, and no job under {args.root} has "
+                         "that id. Give the job directory, or --root with the job file's "
+                         "job_root.")
+    return jobdir
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from hpc_elastic.jobs import job_status
+
+    status = job_status(_find_job(args))
+    print(json.dumps(status.as_dict(), indent=2) if args.json else status.render())
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from hpc_elastic.jobs import cancel_job
+
+    try:
+        print(cancel_job(_find_job(args)))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
+    from hpc_elastic.jobs import list_jobs
+
+    rows = list_jobs(Path(args.root))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no jobs under {args.root}")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["submitted_at"] or 0))
+        print(f"{when}  {row['job_id'] or '-':<12} {row['mode'] or '-':<6} "
+              f"{row['outcome']:<22} {row['jobdir']}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from hpc_elastic.init import write_template
+
+    try:
+        path = write_template(args.template, Path(args.output), force=args.force)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {path} (template '{args.template}'). Edit it, then: "
+          f"hpc-elastic submit {path} --dry-run")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from hpc_elastic import doctor
+
+    if args.node_report:
+        doctor.node_report(Path(args.dir))
+        return EXIT_OK
+    checks = doctor.run_doctor(Path(args.dir), args.clock_tolerance)
+    for check in checks:
+        print(check.render())
+    failed = [c for c in checks if c.ok is False]
+    print(f"{len(failed)} check(s) failed" if failed else "all checks passed")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _logs_command(name: str) -> Command:
     def command(args: argparse.Namespace) -> int:
         return analysis_cli.run(name, args)
@@ -126,11 +187,17 @@ examples:
   hpc-elastic submit job.yaml --local      run on this machine with simulated nodes
   hpc-elastic logs summary jobs/demo-...   what happened, after the run
 
-exit codes: 0 ok, 1 the job or a check failed, 2 bad input, 3 not available yet."""
+exit codes: 0 ok, 1 the job or a check failed, 2 bad input."""
 
 
 def _job_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", metavar="JOB", help="a Slurm job id or a job directory")
+    parser.add_argument("job", metavar="JOB", help="a job directory, or a job id found under "
+                        "the job root")
+
+
+def _root_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="./jobs",
+                        help="the job root to look in (a job file's job_root; default: ./jobs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,18 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="queue state and what the agents report (nodes up, restarts, last failure)",
-        description="Show a job's state from squeue, sacct and the job directory.",
+        description="Show a job's state from squeue (live), then sacct (after the end), then "
+        "the job directory, and what its agents wrote: nodes, rendezvous rounds, restarts, "
+        "the last failure.",
     )
     _job_arg(p)
-    p.set_defaults(func=_not_yet("'status'", "it lands with the submit issue"))
+    _root_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("cancel", help="stop a job cleanly: agents, workers and the allocation")
+    p = sub.add_parser(
+        "cancel", help="stop a job cleanly: agents, workers and the allocation",
+        description="scancel a Slurm job (each agent gets SIGTERM and stops its workers), or "
+        "stop a local job's agents; waits until they are gone.")
     _job_arg(p)
-    p.set_defaults(func=_not_yet("'cancel'", "it lands with the submit issue"))
+    _root_arg(p)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("list", help="list the jobs under the job root, newest first")
-    p.add_argument("--root", default="./jobs", help="the job root directory (default: ./jobs)")
-    p.set_defaults(func=_not_yet("'list'", "it lands with the submit issue"))
+    _root_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
 
     logs = sub.add_parser(
         "logs",
@@ -210,15 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
         analysis_cli.add_arguments(lp, name)
         lp.set_defaults(func=_logs_command(name))
 
-    p = sub.add_parser("init", help="write a starter job.yaml from a template")
+    p = sub.add_parser("init", help="write a starter job.yaml from a template",
+                       description="Copy a commented template job file to the current "
+                       "directory. Templates: cpu, single-node-gpu, multi-node-gpu, "
+                       "elastic-preemptible.")
     p.add_argument("--template", default="cpu", help="template name (default: cpu)")
-    p.set_defaults(func=_not_yet("'init'", "templates land with the submit issue"))
+    p.add_argument("--output", "-o", default="job.yaml", help="file to write (default: job.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser(
-        "doctor", help="preflight checks: shared dir, locks, clocks, versions, Slurm commands"
-    )
+        "doctor", help="preflight checks: shared dir, locks, clocks, versions, Slurm commands",
+        description="Check that DIR (the shared job root) is writable and supports file locks, "
+        "that Slurm's commands and accounting answer, and, inside a multi-node allocation, that "
+        "every node sees every other node's files with agreeing clocks and versions.")
     p.add_argument("--dir", default=".", help="the shared directory to check (default: .)")
-    p.set_defaults(func=_not_yet("'doctor'", "it lands with the submit issue"))
+    p.add_argument("--clock-tolerance", type=float, default=2.0, metavar="SECONDS",
+                   help="largest clock difference between nodes accepted (default: 2)")
+    p.add_argument("--node-report", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

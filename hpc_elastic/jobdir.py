@@ -23,6 +23,7 @@ across NFS clients.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +104,42 @@ class JobDir:
         if not self.nodes.is_dir():
             return []
         return sorted(p.name for p in self.nodes.iterdir() if p.is_dir())
+
+
+def is_jobdir(path: Path) -> bool:
+    """A job directory is one that holds the resolved config ``submit`` writes first."""
+    return (path / JOB_CONFIG).is_file()
+
+
+def jobdirs_under(root: Path) -> list[JobDir]:
+    """Every job directory directly under ``root``, newest first (by the name's time stamp,
+    never by mtime, which shared filesystems do not keep reliably)."""
+    if not root.is_dir():
+        return []
+    found = [JobDir(p) for p in root.iterdir() if p.is_dir() and is_jobdir(p)]
+    return sorted(found, key=lambda jd: _stamp_of(jd.path.name), reverse=True)
+
+
+def _stamp_of(name: str) -> str:
+    """``demo-20261124-052812-2aa7`` -> ``20261124-052812`` (names without a stamp sort last)."""
+    match = re.search(r"(\d{8}-\d{6})-[0-9a-f]{4}$", name)
+    return match.group(1) if match else ""
+
+
+def find_jobdir(spec: str, roots: list[Path]) -> JobDir | None:
+    """Resolve a JOB argument: a job directory path, else a job id (or directory name) found in
+    the ``submission.json`` of a job directory under one of ``roots``."""
+    path = Path(spec)
+    if path.is_dir():
+        return JobDir(path)
+    for root in roots:
+        for jobdir in jobdirs_under(root):
+            if jobdir.path.name == spec:
+                return jobdir
+            try:
+                data = json.loads(jobdir.submission.read_text())
+            except (OSError, ValueError):
+                continue
+            if str(data.get("job_id", "")) == spec:
+                return jobdir
+    return None

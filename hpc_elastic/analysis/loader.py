@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, find_jobdir
 from hpc_elastic.telemetry.jsonl import ReadStats, read_jsonl
 from hpc_elastic.telemetry.schema import SCHEMA_VERSION
 
@@ -158,18 +158,10 @@ def _expected_nodes(jd: JobDir) -> int | None:
     return None
 
 
-def open_job(spec: str) -> Job:
-    """Resolve JOB: a directory path, else a job id matched in ``./jobs/*/submission.json``."""
-    path = Path(spec)
-    if path.is_dir():
-        return Job(JobDir(path))
-    for sub in sorted(Path("jobs").glob("*/submission.json")):
-        try:
-            data = json.loads(sub.read_text())
-        except (OSError, ValueError):
-            continue
-        ids = {str(data.get("job_id", ""))} | {str(x) for x in data.get("job_ids", []) or []}
-        if spec in ids or spec == sub.parent.name:
-            return Job(JobDir(sub.parent))
-    raise JobNotFound(f"{spec}: not a job directory, and no ./jobs/*/submission.json has that "
-                      "job id")
+def open_job(spec: str, roots: list[Path] | None = None) -> Job:
+    """Resolve JOB: a directory path, else a job id found under the job roots (``./jobs``)."""
+    jobdir = find_jobdir(spec, roots if roots is not None else [Path("jobs")])
+    if jobdir is None:
+        raise JobNotFound(f"{spec}: not a job directory, and no job directory under "
+                          f"{', '.join(str(r) for r in roots or [Path('jobs')])} has that job id")
+    return Job(jobdir)

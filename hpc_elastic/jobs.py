@@ -1,0 +1,174 @@
+"""``status``, ``cancel`` and ``list``: a job as the queue sees it and as its agents wrote it.
+
+Queue state is asked in order of freshness: squeue (live), then sacct (after the end; may lag or
+be switched off), then the job directory alone ("left the queue"). What the agents wrote (nodes
+up, rendezvous round, restarts, last failure) comes from the analysis of the job directory, so
+``status`` works the same for a running job, a finished one, and one whose accounting is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc_elastic import slurm
+from hpc_elastic.analysis import Job
+from hpc_elastic.analysis.summary import summarize
+from hpc_elastic.jobdir import JobDir, jobdirs_under
+from hpc_elastic.local import AGENTS_FILE
+from hpc_elastic.submit import Submission, read_submission
+
+
+@dataclass
+class JobStatus:
+    jobdir: JobDir
+    submission: Submission | None
+    queue_state: str  # Slurm's state, or RUNNING/ENDED for local jobs, or a plain explanation
+    summary: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.summary
+        failures = s.get("failures") or []
+        roots = [f for f in failures if f.get("root")]
+        return {
+            "job_id": self.submission.job_id if self.submission else None,
+            "mode": self.submission.mode if self.submission else None,
+            "jobdir": str(self.jobdir.path),
+            "queue_state": self.queue_state,
+            "status": s.get("status"),
+            "nodes": s.get("nodes", []),
+            "rounds": len(s.get("rendezvous_rounds", [])),
+            "restarts": s.get("restarts", 0),
+            "attempts": s.get("attempts", 0),
+            "last_failure": (roots or failures)[-1] if failures else None,
+        }
+
+    def render(self) -> str:
+        d = self.as_dict()
+        last = d["last_failure"]
+        lines = [
+            f"job {d['job_id']} ({d['mode']})  queue: {d['queue_state']}  "
+            f"agents say: {d['status']}",
+            f"  directory   {d['jobdir']}",
+            f"  nodes       {len(d['nodes'])}: {', '.join(d['nodes']) or '-'}",
+            f"  rounds      {d['rounds']}   restarts {d['restarts']}   attempts {d['attempts']}",
+            "  last failure " + (f"{last.get('node')} rank {last.get('rank')} exit "
+                                 f"{last.get('exitcode')}: {last.get('message')}" if last else "-"),
+        ]
+        return "\n".join(lines)
+
+
+def local_agent_pids(jobdir: JobDir) -> list[int]:
+    """PIDs of a local job's agents that are still alive (the launcher records them)."""
+    try:
+        pids = json.loads((jobdir.path / AGENTS_FILE).read_text())["pids"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [pid for pid in pids if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def queue_state(submission: Submission | None, jobdir: JobDir) -> str:
+    if submission is None:
+        return "unknown (no submission.json: started by hand?)"
+    if submission.mode == "local":
+        return "RUNNING" if local_agent_pids(jobdir) else "ENDED"
+    if not slurm.slurm_available():
+        return "unknown (Slurm's commands are not on PATH here)"
+    live = slurm.queue_state(submission.job_id)
+    if live:
+        return live
+    final = slurm.accounting_state(submission.job_id)
+    return final or "left the queue (sacct has no record: accounting off or lagging)"
+
+
+def job_status(jobdir: JobDir) -> JobStatus:
+    submission = read_submission(jobdir)
+    return JobStatus(jobdir, submission, queue_state(submission, jobdir), summarize(Job(jobdir)))
+
+
+def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
+    """Stop a job: ``scancel`` for Slurm (agents get SIGTERM and stop their workers), SIGTERM
+    to the agents of a local job. Returns a sentence saying what was done."""
+    submission = read_submission(jobdir)
+    if submission is None:
+        raise ValueError(f"{jobdir.path}: no submission.json, so there is nothing to cancel")
+    if submission.mode == "slurm":
+        slurm.cancel(submission.job_id)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            state = slurm.queue_state(submission.job_id)
+            if state is None:
+                return f"job {submission.job_id} cancelled"
+            time.sleep(0.5)
+        return f"job {submission.job_id}: scancel sent; still {state} after {wait_s:g} s"
+    pids = local_agent_pids(jobdir)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while local_agent_pids(jobdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = local_agent_pids(jobdir)
+    for pid in left:  # the agents had their chance to stop their workers cleanly
+        os.kill(pid, signal.SIGKILL)
+    return (f"job {submission.job_id}: stopped {len(pids)} local agent(s)"
+            + (f", {len(left)} had to be killed" if left else ""))
+
+
+def list_jobs(root: Path) -> list[dict[str, Any]]:
+    """The jobs under ``root``, newest first, with what can be known without asking Slurm."""
+    rows = []
+    for jobdir in jobdirs_under(root):
+        submission = read_submission(jobdir)
+        rows.append({
+            "job_id": submission.job_id if submission else None,
+            "mode": submission.mode if submission else None,
+            "name": submission.name if submission else jobdir.path.name,
+            "submitted_at": submission.submitted_at if submission else None,
+            "outcome": quick_outcome(jobdir),
+            "jobdir": str(jobdir.path),
+        })
+    return rows
+
+
+def quick_outcome(jobdir: JobDir) -> str:
+    """succeeded / failed / running-or-unfinished / not started, from each node's last event only
+    (a 4 KiB read from the end of each file, so ``list`` stays fast on huge logs)."""
+    last_kinds = []
+    for node in jobdir.node_names():
+        try:
+            with open(jobdir.events(node), "rb") as events:
+                events.seek(0, os.SEEK_END)
+                events.seek(max(0, events.tell() - 4096))
+                lines = events.read().splitlines()
+        except OSError:
+            continue
+        for line in reversed(lines):
+            try:
+                last_kinds.append(json.loads(line)["kind"])
+                break
+            except (ValueError, KeyError):
+                continue
+    if not last_kinds:
+        return "not started"
+    if "agent.failed" in last_kinds:
+        return "failed"
+    if "shutdown" in last_kinds:
+        return "cancelled"
+    if all(kind == "agent.succeeded" for kind in last_kinds):
+        return "succeeded"
+    return "running or unfinished"
