@@ -157,3 +157,22 @@ def test_encoding_round_trips_and_the_head_is_the_first_line():
 def test_foreign_state_file_is_reported_with_a_fix(data):
     with pytest.raises(StateCorruptError, match="new run id"):
         State.decode(data, "/x/state.json")
+
+
+def test_cheap_predicate_agrees_with_the_join_step_on_random_states():
+    """Pollers decide with wants_to_join(); join() must then change something, and vice versa."""
+    import random
+
+    rng = random.Random(7)
+    nodes = ["a", "b", "c", "d", "e"]
+    for _ in range(3000):
+        state = State(round=rng.randint(0, 3), phase=rng.choice([JOINING, COMPLETE]),
+                      closed=rng.random() < 0.1)
+        for lst in (state.participants, state.waiting, state.dead):
+            lst.extend(n for n in nodes if rng.random() < 0.35)
+        node = rng.choice(nodes)
+        leaving = rng.choice([None, 0, 1, 2, 3])
+        hi = rng.randint(1, 5)
+        predicted = protocol.wants_to_join(state, node, leaving, hi)
+        changed = bool(protocol.join(state.copy(), node, "x:1", leaving, 1, hi))
+        assert predicted == changed, (state, node, leaving, hi)

@@ -35,11 +35,13 @@ from .heartbeat import HeartbeatWriter, LivenessObserver, watch_set
 from .layout import RunLayout
 from .locking import probe_flock
 from .settings import Settings
-from .state import COMPLETE, JOINING, FsOps, State, StateFile
+from .state import COMPLETE, JOINING, FsOps, Head, State, StateFile
 
 BACKEND_NAME = "sharedfs"
 #: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
 WATCH_FANOUT = 8
+#: While a forming round keeps changing, a waiting node re-reads the whole state this often.
+FULL_REFRESH = 1.0
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -59,6 +61,11 @@ def free_port() -> int:
         except OSError:
             continue
     raise OSError("no free TCP port on this node")
+
+
+def _matters(head: Head) -> tuple:
+    """The part of the head whose change a waiting node must look at at once."""
+    return head.round, head.phase, head.closed, head.nd
 
 
 class SharedFSRendezvousHandler(RendezvousHandler):
@@ -154,10 +161,20 @@ class SharedFSRendezvousHandler(RendezvousHandler):
 
     def _wait(self, state: State, endpoint: str, leaving: int | None, start: float,
               deadline: float) -> State:
+        """Poll until this node is in a complete round; act whenever the protocol says so.
+
+        Pollers read only the head of the state file. The body is read when the head shows a
+        change that matters to a waiting node (round, phase, closed, dead count), and otherwise
+        at most once per ``FULL_REFRESH`` s while the state keeps changing (to notice, e.g.,
+        that we were dropped from a forming round). With hundreds of nodes joining, the state
+        changes with every join; reading the body on each change would cost O(N^2) parsing.
+        """
         s = self._settings
         pause = s.poll_interval
         last_call: tuple[int, float] | None = None  # (round, when we first saw >= min_nodes)
-        acted_on = state.version
+        head = state.head()
+        full_at = time.monotonic()
+        acted_on = -1
         while True:
             # Membership first: a peer may finish and close right after the round completed,
             # before we polled; we are still part of the round it completed.
@@ -169,33 +186,36 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             now = time.monotonic()
             if now >= deadline:
                 self._give_up(state)
+            if state.version != acted_on and protocol.wants_to_join(
+                    state, self._node, leaving, s.max_nodes):
+                acted_on = state.version
+                state = self._step(endpoint, leaving)
+                head, full_at = state.head(), time.monotonic()
+                continue
             wake = deadline
-            if (state.phase == JOINING and self._node in state.participants
-                    and len(state.participants) >= s.min_nodes):
-                if last_call is None or last_call[0] != state.round:
-                    last_call = (state.round, now)
+            if (head.phase == JOINING and head.round == state.round and head.n >= s.min_nodes
+                    and self._node in state.participants):
+                if last_call is None or last_call[0] != head.round:
+                    last_call = (head.round, now)
                 expires = last_call[1] + s.last_call_timeout
                 if now >= expires:
-                    state = self._last_call(state.round)
-                    acted_on = state.version
+                    state = self._last_call(head.round)
+                    head, full_at = state.head(), time.monotonic()
                     continue
                 wake = min(wake, expires)
             else:
                 last_call = None
-            if state.version != acted_on:
-                acted_on = state.version
-                if protocol.join(state.copy(), self._node, endpoint, leaving,
-                                 s.min_nodes, s.max_nodes):
-                    state = self._step(endpoint, leaving)
-                    acted_on = state.version
-                    continue
             time.sleep(max(0.0, min(pause, wake - time.monotonic())))
-            head = self._state_file.read_head()
-            if head is not None and head.version != state.version:
+            new = self._state_file.read_head()
+            relevant = False
+            if new is not None and new.version != head.version:
+                relevant = _matters(new) != _matters(head)
+                head = new
+            pause = s.poll_interval if relevant else min(pause * 1.5, s.poll_interval_max)
+            if head.version != state.version and (
+                    relevant or time.monotonic() - full_at >= FULL_REFRESH):
                 state = self._state_file.read() or state
-                pause = s.poll_interval
-            else:
-                pause = min(pause * 1.5, s.poll_interval_max)
+                head, full_at = state.head(), time.monotonic()
 
     def _last_call(self, round_: int) -> State:
         s = self._settings

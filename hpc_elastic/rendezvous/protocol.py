@@ -66,6 +66,27 @@ def join(state: State, node: str, endpoint: str, leaving_round: int | None,
     return done
 
 
+def wants_to_join(state: State, node: str, leaving_round: int | None, max_nodes: int) -> bool:
+    """Whether :func:`join` would change ``state`` — without copying it (pollers call this often).
+
+    Must agree with :func:`join` exactly; a randomized test checks that it does.
+    """
+    if state.closed:
+        return False
+    if node in state.dead:
+        return True
+    if state.phase == JOINING:
+        if node in state.participants:
+            return False
+        return len(state.participants) < max_nodes or node not in state.waiting
+    if node in state.participants:
+        return state.round == leaving_round
+    dead = set(state.dead)
+    if not [p for p in state.participants if p not in dead]:
+        return True
+    return node not in state.waiting
+
+
 def open_round(state: State, node: str, endpoint: str, min_nodes: int,
                max_nodes: int) -> list[str]:
     """Start round ``round + 1`` with ``node`` in it, expecting the live old members + waiters."""

@@ -1,0 +1,280 @@
+"""Rendezvous speed: sharedfs against torch's own c10d rendezvous, measured in the same run.
+
+    .venv/bin/python benchmarks/bench_rendezvous.py              # ~2-3 min on 2 shared cores
+    .venv/bin/python benchmarks/bench_rendezvous.py --quick      # ~1 min: fewer repeats, no 512
+    .venv/bin/python benchmarks/bench_rendezvous.py --json out.json
+
+Three parts, every process on this machine, directories on local disk (``tempfile``):
+
+1. **First rendezvous**, N = 2, 4, 8, 16 agents (one forked process each, ``min = max = N``):
+   time from the *last* agent calling ``next_rendezvous`` to the *last* one returning. The
+   reference is torch's ``DynamicRendezvousHandler`` over a c10d ``TCPStore`` (``--rdzv-backend
+   c10d``), measured with the same harness right after ours. Target: sharedfs <= 0.25x c10d.
+2. **Kill -> training again**: 3 real ``LocalElasticAgent`` nodes (``nnodes 2:3``, 2 gloo
+   workers each, the test helpers under ``tests/rendezvous_helpers``); the rank-0 node is
+   SIGKILLed with its workers while training; we time until a surviving worker finished a step
+   in the re-formed world of 4. Default settings and tuned ones. Target: <= heartbeat_timeout
+   + 5 s. (torch defaults with c10d took 42 s here, see docs/benchmarks.md.)
+3. **Scale**: one round with 256 and 512 participants, simulated by threads in 4 processes
+   (each thread is a full handler: own node id, heartbeat thread, lock, polling). Time from
+   last arrival to all done, from first arrival to all done, and file operations per
+   participant (state/heartbeat opens, renames, lock acquisitions; the FileStore not counted).
+   Target: < 5 s at 512.
+
+The machine's load average is printed with each part: timings on 2 shared cores are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+
+FORK = multiprocessing.get_context("fork")
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load avg {one:.2f} (1 min) {five:.2f} (5 min), {os.cpu_count()} cores"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- 1. first rendezvous
+def _make_handler(kind: str, root: str, run_id: str, n: int, index: int, port: int):
+    if kind == "sharedfs":
+        from hpc_elastic.rendezvous import create_handler
+
+        return create_handler(root, run_id, n, n, local_addr="127.0.0.1")
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+    params = RendezvousParameters("c10d", f"127.0.0.1:{port}", run_id, n, n,
+                                  local_addr="127.0.0.1", is_host=str(index == 0).lower())
+    return get_rendezvous_handler(params)
+
+
+def _agent(kind, root, run_id, n, index, port, ready, finished, results) -> None:
+    handler = _make_handler(kind, root, run_id, n, index, port)
+    ready.wait()
+    called = time.time()
+    info = handler.next_rendezvous()
+    results.put((called, time.time(), info.rank))
+    finished.wait()  # nobody closes before everyone has its result (torch would raise Closed)
+    handler.shutdown()
+    finished.wait()  # the c10d host keeps its TCPStore up until everyone closed
+
+
+def first_rendezvous(kind: str, n: int, root: str, trial: int) -> dict[str, float]:
+    ready, finished = FORK.Barrier(n), FORK.Barrier(n)
+    results = FORK.Queue()
+    port = _free_port()
+    run_id = f"first-{kind}-{n}-{trial}"
+    procs = [FORK.Process(target=_agent,
+                          args=(kind, root, run_id, n, i, port, ready, finished, results))
+             for i in range(n)]
+    for p in procs:
+        p.daemon = True  # never outlive the benchmark, even when it fails
+        p.start()
+    try:
+        rows = [results.get(timeout=120) for _ in range(n)]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert sorted(r[2] for r in rows) == list(range(n)), rows
+    calls, dones = [r[0] for r in rows], [r[1] for r in rows]
+    return {"last_arrival_to_all_done_s": max(dones) - max(calls),
+            "first_arrival_to_all_done_s": max(dones) - min(calls)}
+
+
+def part_first(sizes: list[int], repeats: int) -> list[dict]:
+    print(f"\n## 1. First rendezvous, last arrival -> all done ({_load()})")
+    print(f"{'agents':>6} {'sharedfs s':>11} {'c10d s':>8} {'ratio':>6}   (median of {repeats})")
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for n in sizes:
+            ours, ref = [], []
+            for trial in range(repeats):  # interleaved, so load drifts hit both alike
+                ours.append(first_rendezvous("sharedfs", n, root, trial))
+                ref.append(first_rendezvous("c10d", n, root, trial))
+            a = statistics.median(r["last_arrival_to_all_done_s"] for r in ours)
+            b = statistics.median(r["last_arrival_to_all_done_s"] for r in ref)
+            rows.append({"agents": n, "sharedfs_s": a, "c10d_s": b, "ratio": a / b,
+                         "sharedfs_all": ours, "c10d_all": ref})
+            print(f"{n:>6} {a:>11.3f} {b:>8.3f} {a / b:>6.2f}")
+    return rows
+
+
+# ------------------------------------------------------------------------------ 2. kill recovery
+def kill_recovery(conf: dict[str, object], label: str, steps: int) -> dict[str, float]:
+    from rendezvous_helpers.harness import Cluster, wait_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            names = ["n0", "n1", "n2"]
+            for name in names:
+                cluster.start_agent(name, "job", "2:3", conf,
+                                    ["--steps", str(steps), "--step-time", "0.05"])
+
+            def rank0_training():
+                for r in cluster.records("progress"):
+                    if r["world"] == 6 and r["group_rank"] == 0 and r["step"] >= 3:
+                        return r["agent"]
+                return None
+
+            pid = wait_for(rank0_training, 120, "training with 3 nodes")
+            victim = next(n for n, p in cluster.nodes.items() if p.pid == pid)
+            killed = time.time()
+            cluster.kill_node(victim)
+
+            def again():
+                return [r["time"] for r in cluster.records("progress")
+                        if r["world"] == 4 and r["time"] > killed]
+
+            wait_for(again, 180, "training again with 2 nodes")
+            recovery = min(again()) - killed
+            for name in names:
+                if name != victim:
+                    cluster.wait(name, 120)
+            timeout = float(conf.get("heartbeat_timeout", 10.0))  # type: ignore[arg-type]
+            print(f"{label:>8} {timeout:>12.2f} {recovery:>12.2f} {timeout + 5:>10.2f}")
+            return {"settings": label, "heartbeat_timeout_s": timeout,
+                    "kill_to_training_s": recovery, "target_s": timeout + 5}
+        finally:
+            cluster.cleanup()
+
+
+def part_kill() -> list[dict]:
+    print(f"\n## 2. Kill rank-0 node -> training again ({_load()})")
+    print(f"{'settings':>8} {'hb timeout':>12} {'recovery s':>12} {'target s':>10}")
+    default = {}  # heartbeat 2 s / 10 s, last call 30 s
+    tuned = {"heartbeat_interval": 0.25, "heartbeat_timeout": 1.5, "last_call_timeout": 3}
+    return [kill_recovery(default, "default", 40), kill_recovery(tuned, "tuned", 40)]
+
+
+# ----------------------------------------------------------------------------------- 3. scale
+def _scale_process(root, run_id, n, count, ready, finished, results) -> None:
+    from hpc_elastic.rendezvous import create_handler
+
+    handlers = [create_handler(root, run_id, n, n, local_addr="127.0.0.1")
+                for _ in range(count)]
+    out: list[tuple] = []
+    lock = threading.Lock()
+
+    def run(h) -> None:
+        called = time.time()
+        h.next_rendezvous()
+        done = time.time()
+        with lock:
+            out.append((called, done, h.fs_ops.as_dict(), h._state_file._lock.acquisitions))
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in handlers]
+    ready.wait()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put(out)
+    finished.wait()
+    for h in handlers:
+        h._stop_heartbeats()
+
+
+def scale(n: int, root: str, processes: int = 4) -> dict:
+    ready, finished = FORK.Barrier(processes), FORK.Barrier(processes)
+    results = FORK.Queue()
+    per = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
+    procs = [FORK.Process(target=_scale_process,
+                          args=(root, f"scale-{n}", n, c, ready, finished, results))
+             for c in per]
+    for p in procs:
+        p.daemon = True
+        p.start()
+    try:
+        rows = [row for _ in procs for row in results.get(timeout=300)]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    calls, dones = [r[0] for r in rows], [r[1] for r in rows]
+    ops = [r[2] for r in rows]
+    per_participant = {k: statistics.mean(o[k] for o in ops) for k in ops[0]}
+    total_ops = [o["opens"] + o["renames"] + o["locks"] for o in ops]
+    return {
+        "participants": n,
+        "last_arrival_to_all_done_s": max(dones) - max(calls),
+        "first_arrival_to_all_done_s": max(dones) - min(calls),
+        "fs_ops_per_participant_mean": statistics.mean(total_ops),
+        "fs_ops_per_participant_max": max(total_ops),
+        "breakdown_mean": per_participant,
+    }
+
+
+def part_scale(sizes: list[int]) -> list[dict]:
+    print(f"\n## 3. One round with many participants, threads in 4 processes ({_load()})")
+    print(f"{'nodes':>6} {'last->done s':>13} {'first->done s':>14} {'fs ops/node':>12} "
+          f"{'max':>5}  breakdown (mean per node)")
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for n in sizes:
+            r = scale(n, root)
+            b = r["breakdown_mean"]
+            print(f"{n:>6} {r['last_arrival_to_all_done_s']:>13.3f} "
+                  f"{r['first_arrival_to_all_done_s']:>14.3f} "
+                  f"{r['fs_ops_per_participant_mean']:>12.1f} {r['fs_ops_per_participant_max']:>5}"
+                  f"  opens {b['opens']:.1f}, renames {b['renames']:.1f}, locks {b['locks']:.1f}")
+            rows.append(r)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat, scale 256 only")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default="2,4,8,16")
+    parser.add_argument("--scale", default="256,512")
+    parser.add_argument("--skip-kill", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.scale = 1, "256"
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    print(f"# bench_rendezvous ({_load()})")
+    result: dict[str, object] = {"load_start": os.getloadavg()}
+    result["first"] = part_first([int(x) for x in args.sizes.split(",")], args.repeats)
+    if not args.skip_kill:
+        result["kill"] = part_kill()
+    result["scale"] = part_scale([int(x) for x in args.scale.split(",") if x])
+    result["load_end"] = os.getloadavg()
+    worst = max(r["ratio"] for r in result["first"])  # type: ignore[index, union-attr]
+    print(f"\nworst sharedfs/c10d ratio: {worst:.2f} (target <= 0.25); {_load()}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
