@@ -236,10 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "agent",
         help="the per-node launcher that srun starts (you rarely call it yourself)",
-        description="Run one node's elastic agent for the job in JOBDIR: join the shared "
-        "rendezvous, start the workers, restart them on failure, write the node's logs.",
+        description="Run one node's elastic agent: join the shared rendezvous, start the "
+        "workers, restart them on failure, write the node's logs. 'submit' starts it with the "
+        "job directory; a plain batch script may start it with the job file instead "
+        "(srun --ntasks-per-node=1 hpc-elastic agent job.yaml, see sbatch/).",
     )
-    p.add_argument("jobdir", metavar="JOBDIR", help="the job directory created by 'submit'")
+    p.add_argument("jobdir", metavar="JOBDIR|JOB_FILE",
+                   help="the job directory created by 'submit', or a job YAML file")
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser(

@@ -47,14 +47,29 @@ def new_jobdir(config: JobConfig, now: float | None = None) -> JobDir:
     return JobDir(Path(config.job_root) / f"{config.name}-{stamp}-{secrets.token_hex(2)}")
 
 
-def create_jobdir(config: JobConfig, jobdir: JobDir) -> None:
-    """Create the directory tree and write the resolved config the agents will read."""
-    jobdir.path.mkdir(parents=True, exist_ok=False)
+def create_jobdir(config: JobConfig, jobdir: JobDir, exist_ok: bool = False) -> None:
+    """Create the directory tree and write the resolved config the agents will read.
+
+    ``exist_ok`` is for batch scripts that skip ``submit``: every node creates the same
+    directory at the same time, and each writes the same text with write-then-rename.
+    """
+    jobdir.path.mkdir(parents=True, exist_ok=exist_ok)
     for sub in (jobdir.slurm_logs, jobdir.nodes, jobdir.checkpoints):
-        sub.mkdir()
+        sub.mkdir(exist_ok=exist_ok)
     # The rendezvous directory holds the store; only the job's owner may read it.
-    jobdir.rendezvous.mkdir(mode=0o700)
+    jobdir.rendezvous.mkdir(mode=0o700, exist_ok=exist_ok)
     write_atomic(jobdir.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def batch_jobdir(config: JobConfig, slurm_job_id: str) -> JobDir:
+    """The job directory of a job started from a plain batch script (``srun hpc-elastic agent
+    job.yaml``): derived from the Slurm job id, so every node finds the same one without
+    talking to the others, and a requeued attempt finds it again."""
+    jobdir = JobDir(Path(config.job_root) / f"{config.name}-slurm{slurm_job_id}")
+    create_jobdir(config, jobdir, exist_ok=True)
+    if not jobdir.submission.exists():
+        write_submission(jobdir, Submission("slurm", slurm_job_id, time.time(), config.name))
+    return jobdir
 
 
 def read_job_config(jobdir: JobDir) -> JobConfig:
