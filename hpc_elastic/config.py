@@ -426,12 +426,12 @@ def _check_positive(config: JobConfig, source: _Source) -> None:
             raise ConfigError(f"{source.where(key)}: key '{key}' is out of range. Fix: use a "
                               "positive value (max_restarts and grace may be 0).")
     rdzv = config.rendezvous
-    if rdzv.heartbeat_timeout <= rdzv.heartbeat_interval:
+    if rdzv.heartbeat_timeout < 2 * rdzv.heartbeat_interval:
         raise ConfigError(
             f"{source.where('rendezvous.heartbeat_timeout')}: key 'rendezvous.heartbeat_timeout' "
-            f"({rdzv.heartbeat_timeout:g} s) must be longer than 'rendezvous.heartbeat_interval' "
-            f"({rdzv.heartbeat_interval:g} s), or every node looks dead. Fix: make it at least "
-            "3 heartbeat intervals."
+            f"({rdzv.heartbeat_timeout:g} s) must be at least twice 'rendezvous.heartbeat_interval'"
+            f" ({rdzv.heartbeat_interval:g} s), or a busy node looks dead. Fix: make it 3 to 5 "
+            "heartbeat intervals."
         )
 
 
