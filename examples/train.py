@@ -11,8 +11,10 @@ It runs unchanged under ``torchrun`` or under hpc_elastic's agent:
 * **Preemption contract**: when Slurm is about to stop the job, the agent forwards the job's
   preemption signal (``$HPC_ELASTIC_PREEMPT_SIGNAL``, default SIGUSR1) to every worker. The
   script only sets a flag in the handler; at the next step all ranks agree (an all_reduce of the
-  flag, so no rank stops alone and hangs the others), rank 0 writes a mid-epoch checkpoint, and
-  the workers exit 0. The agent then requeues the job, and the next attempt resumes here.
+  flag, so no rank stops alone and hangs the others), rank 0 writes a mid-epoch checkpoint, all
+  ranks wait for it (a barrier), and the workers exit 0. A handler installed late is fine: the
+  agent starts workers with the signal ignored and forwards it once the handler is there.
+  The agent then requeues the job, and the next attempt resumes here.
 * **Failure injection** for demos and tests: ``--fail-at-step N --fail-rank R`` raises an
   exception on that rank at that global step, only in the first attempt and restart, so the
   restarted group gets past it. ``@record`` puts the traceback into ``error.json``.
@@ -139,6 +141,11 @@ def main() -> None:
             if preemption.agreed():
                 if rank == 0:
                     save_checkpoint(ckpt_path, snapshot(epoch, step))
+                # Nobody exits before the checkpoint is on disk (the agent requeues as soon as
+                # the workers are done), and all ranks tear down together: a rank that
+                # destroys its process group while a peer is still saving can abort in gloo's
+                # teardown ("terminate called without an active exception", exit -6).
+                dist.barrier()
                 print(f"rank {rank}: preemption signal, checkpointed at epoch {epoch} step "
                       f"{step} (global step {global_step}); exiting for requeue", flush=True)
                 dist.destroy_process_group()

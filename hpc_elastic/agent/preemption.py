@@ -12,6 +12,18 @@ Slurm sends the job's ``--signal`` (``preemption.signal``, default USR1) to ever
 
 Why signal handlers stay small: the handler only sets state, forwards the signal and starts a
 timer thread; everything that can block (scontrol) runs outside the handler.
+
+Once the signal was received the job is going away, so the agent no longer restarts failed
+workers (the next attempt resumes from the checkpoint instead), and when ``grace`` runs out
+while workers still run, the agent stops them (``grace_expired``): in local mode nothing else
+would, and on Slurm the requeue ends the step anyway. The agent's end -- workers done, stopped,
+or the SIGTERM with which Slurm ends the step after ``scontrol requeue`` -- is a preemption, not
+a failure (see ``runner.run_agent``).
+
+Workers are started with the signal ignored (:meth:`Preemption.ignored_while`): a worker that
+gets it before its script installed a handler would otherwise be killed by it (SIGUSR1's default
+action) instead of checkpointing. The worker's own ``signal.signal`` replaces the inherited
+``SIG_IGN``.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Exit code of an agent that handed its job to a requeue (local mode relaunches on it).
@@ -50,6 +62,8 @@ class Preemption:
         self._worker_pids = worker_pids
         self.received_at: float | None = None
         self.requeued_by_us = False
+        self.grace_expired = False
+        self._delivered: set[int] = set()  # worker PIDs the signal was forwarded to
         self._finished = threading.Event()
         self._lock = threading.Lock()
 
@@ -60,19 +74,65 @@ class Preemption:
     def install(self) -> None:
         signal.signal(self.signum, self._on_signal)
 
+    @contextlib.contextmanager
+    def ignored_while(self) -> Iterator[None]:
+        """Start workers inside this: they inherit ``SIG_IGN`` for the signal (dispositions
+        other than ignore are reset by ``exec``) and keep it until their script installs its
+        handler. The agent's own handler is restored afterwards. Main thread only (Python's
+        rule for ``signal.signal``); a no-op when the handler was not installed."""
+        if signal.getsignal(self.signum) != self._on_signal:
+            yield
+            return
+        signal.signal(self.signum, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(self.signum, self._on_signal)
+
+    def forward_again(self) -> None:
+        """Deliver the signal to workers that have not had it yet: those started after it
+        arrived, and those that still ignored it then (see :func:`ignores_signal`). Called
+        every monitor round; each worker gets the signal exactly once."""
+        if self.received:
+            late = self._forward(self._worker_pids())
+            if late:
+                self._record("preemption.forwarded", forwarded_to=late, late=True)
+
+    def _forward(self, pids: list[int]) -> list[int]:
+        """Send the signal once to each of ``pids`` that can take it now; return those sent to.
+
+        Why once, and not to a worker that still ignores it: a worker that has checkpointed
+        and is exiting has had its handler reset to the default by Python's finalization, so
+        a repeated signal would kill it (exit -10) and look like a failure; and a signal sent
+        while the worker still ignores it (starting up, ``SIG_IGN`` inherited) is lost."""
+        sent = []
+        for pid in pids:
+            if pid in self._delivered or ignores_signal(pid, self.signum):
+                continue
+            self._delivered.add(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, self.signum)
+                sent.append(pid)
+        return sent
+
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.received:
             return
         self.received_at = time.time()
         pids = self._worker_pids()
+        sent = self._forward(pids)
         self._record("preemption.signal", signal=self.signum.name, grace_s=self.grace,
-                     forwarded_to=pids)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-        timer = threading.Timer(self.grace, self.finish, kwargs={"reason": "grace expired"})
+                     forwarded_to=sent, not_ready=[pid for pid in pids if pid not in sent])
+        timer = threading.Timer(self.grace, self._on_grace_expired)
         timer.daemon = True
         timer.start()
+
+    def _on_grace_expired(self) -> None:
+        """Grace is over: ask for the requeue now, and tell the agent to stop its workers."""
+        self.grace_expired = True
+        if not self._finished.is_set():
+            self._record("preemption.grace_expired", grace_s=self.grace)
+        self.finish(reason="grace expired")
 
     def finish(self, reason: str = "workers finished") -> None:
         """Requeue (if this node wins the claim). Safe to call twice, from any thread."""
@@ -98,3 +158,17 @@ class Preemption:
         with os.fdopen(fd, "w") as claim:
             claim.write(f"{self.node}\n")
         return True
+
+
+def ignores_signal(pid: int, signum: int) -> bool:
+    """True while process ``pid`` ignores ``signum`` (``SigIgn`` in ``/proc/<pid>/status``):
+    a worker that has not yet installed its preemption handler. False when it cannot be told
+    (no /proc, process gone): then the signal is sent as it would be without this check."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return False
+    return False

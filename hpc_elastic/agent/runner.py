@@ -9,10 +9,12 @@ script runs unchanged, plus ``HPC_ELASTIC_*`` extras (checkpoint dir, preemption
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch.distributed.elastic.agent.server.api import (
     RunResult,
@@ -26,11 +28,11 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from hpc_elastic import slurm
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
-from hpc_elastic.config import JobConfig
+from hpc_elastic.config import JobConfig, load_config
 from hpc_elastic.identity import NodeIdentity
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.rendezvous import create_handler
-from hpc_elastic.submit import read_job_config
+from hpc_elastic.submit import batch_jobdir, read_job_config
 from hpc_elastic.telemetry import install as install_telemetry
 
 EXIT_OK = 0
@@ -39,16 +41,30 @@ ROLE = "trainer"
 
 
 class ObservedAgent(LocalElasticAgent):
-    """torch's LocalElasticAgent, plus a ``worker.failed`` event the moment a failure is seen.
+    """torch's LocalElasticAgent, plus a ``worker.failed`` event the moment a failure is seen,
+    and the preemption rules.
 
     torch records worker events only for the final result, so a failure that leads to a
     restart would leave no trace in the logs. ``_monitor_workers`` is the one place every
-    failure passes through, restarted or final.
+    failure passes through, restarted or final -- and so also the place where a preempted
+    agent stops restarting, and stops its workers when the grace has run out.
     """
 
-    def __init__(self, *args: object, record: Callable[..., None], **kwargs: object) -> None:
+    def __init__(self, *args: object, record: Callable[..., None],
+                 preemption: Preemption | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._record = record
+        self.preemption = preemption
+
+    def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
+        """Start workers with the preemption signal ignored until they install a handler (see
+        ``Preemption.ignored_while``); workers started after the signal get it forwarded."""
+        if self.preemption is None:
+            return super()._start_workers(worker_group)
+        with self.preemption.ignored_while():
+            started = super()._start_workers(worker_group)
+        self.preemption.forward_again()
+        return started
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)
@@ -61,6 +77,18 @@ class ObservedAgent(LocalElasticAgent):
                     message=failure_message(failure.message),
                     error_file=failure.error_file or None, error_time=failure.timestamp,
                     signal=failure.signal_name() if failure.exitcode < 0 else None)
+        preemption = self.preemption
+        if preemption is not None and preemption.received:
+            # The job is going away: a restart would only start from the checkpoint the next
+            # attempt starts from anyway, so end the run (torch stops the workers on FAILED
+            # with no restarts left).
+            self._remaining_restarts = 0
+            if result.state == WorkerState.HEALTHY:
+                if preemption.grace_expired:
+                    return RunResult(state=WorkerState.FAILED)
+                # Workers that still ignored the signal when it came (starting up) get it as
+                # soon as their handler is installed.
+                preemption.forward_again()
         return result
 
 
@@ -86,11 +114,19 @@ def worker_environment(config: JobConfig, jobdir: JobDir, ident: NodeIdentity) -
     }
 
 
-def run_agent(jobdir_path: str | Path) -> int:
-    """Run this node's agent to the end; return the process exit code."""
-    jobdir = JobDir(Path(jobdir_path).resolve())
-    config = read_job_config(jobdir)
+def run_agent(target: str | Path) -> int:
+    """Run this node's agent to the end; return the process exit code.
+
+    ``target`` is a job directory made by ``submit``, or a job YAML file when a plain batch
+    script starts the agents itself (see ``sbatch/``).
+    """
     ident = NodeIdentity.from_env()
+    if Path(target).is_file():
+        config = load_config(target)
+        jobdir = batch_jobdir(config, ident.job_id)
+    else:
+        jobdir = JobDir(Path(target).resolve())
+        config = read_job_config(jobdir)
     # Workers inherit the agent's environment: torch's agent copies os.environ for them.
     os.environ.update(worker_environment(config, jobdir, ident))
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -122,18 +158,21 @@ def run_agent(jobdir_path: str | Path) -> int:
         monitor_interval=config.monitor_interval,
         local_addr=ident.address,
     )
-    agent = ObservedAgent(
-        spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
-        log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
-    )
     preemption = Preemption(
         signal_name=config.preemption.signal,
         grace=config.preemption.grace,
         claim_path=jobdir.path / "requeue" / f"attempt-{ident.attempt}",
         node=ident.node,
-        requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else None,
+        # Local mode: the launcher relaunches when every agent exits EXIT_REQUEUED; the claim
+        # still picks one node, so both modes log exactly one ``requeue`` event.
+        requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else (lambda: None),
         record=events.record,
-        worker_pids=lambda: [w.id for w in agent.get_worker_group().workers if w.id],
+        worker_pids=lambda: worker_pids(agent),
+    )
+    agent = ObservedAgent(
+        spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
+        log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
+        preemption=preemption if config.preemption.requeue else None,
     )
     if config.preemption.requeue:
         preemption.install()
@@ -144,15 +183,16 @@ def run_agent(jobdir_path: str | Path) -> int:
     try:
         result = agent.run(ROLE)
     except SignalException as err:
+        if preemption.received:
+            # After ``scontrol requeue`` Slurm ends the step with SIGTERM: part of the
+            # preemption, not a failure (and the rendezvous of this attempt is left as is).
+            return _preempted(preemption, events, telemetry, ident, ended_by=err.sigval.name)
         events.record("shutdown", signal=err.sigval.name)
         telemetry.close()
         return 128 + int(err.sigval)
 
     if preemption.received:
-        preemption.finish()
-        events.record("agent.preempted", requeued_by_this_node=preemption.requeued_by_us)
-        telemetry.close()
-        return EXIT_OK if ident.in_slurm else EXIT_REQUEUED
+        return _preempted(preemption, events, telemetry, ident, ended_by=None)
 
     handler.shutdown()  # close the rendezvous: the other nodes stop waiting for us
     elapsed = round(time.monotonic() - started, 3)
@@ -165,3 +205,27 @@ def run_agent(jobdir_path: str | Path) -> int:
          "message": failure_message(f.message)} for rank, f in result.failures.items()])
     telemetry.close()
     return EXIT_FAILED
+
+
+def worker_pids(agent: LocalElasticAgent) -> list[int]:
+    """PIDs of the agent's current workers (none before the first start)."""
+    group = agent.get_worker_group()
+    return [w.id for w in group.workers if isinstance(w.id, int) and w.id > 0]
+
+
+def _preempted(preemption: Preemption, events: Any, telemetry: Any, ident: NodeIdentity,
+               ended_by: str | None) -> int:
+    """End of a preempted agent: ask for the requeue (one node wins), log, and exit so that
+    Slurm does not count the node as failed (0) or local mode relaunches (EXIT_REQUEUED).
+
+    SIGTERM/SIGINT are ignored from here on: the requeue makes Slurm end the step with SIGTERM,
+    and torch's handler (still installed) would raise in the middle of this wrap-up; Slurm's
+    SIGKILL after KillWait still bounds it."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    preemption.finish()
+    events.record("agent.preempted", requeued_by_this_node=preemption.requeued_by_us,
+                  ended_by_signal=ended_by, grace_expired=preemption.grace_expired,
+                  since_signal_s=round(time.time() - (preemption.received_at or time.time()), 3))
+    telemetry.close()
+    return EXIT_OK if ident.in_slurm else EXIT_REQUEUED
