@@ -455,9 +455,12 @@ def _check_entrypoint(config: JobConfig, source: _Source, base_dir: Path | None)
 
 def _check_signal(config: JobConfig, source: _Source) -> None:
     name = config.preemption.signal.upper().removeprefix("SIG")
-    if not hasattr(signal, "SIG" + name) or name in {"KILL", "STOP"}:
+    # KILL/STOP cannot be caught; TERM/INT/HUP/QUIT already mean "shut down" to torch's agent
+    # (TORCHELASTIC_SIGNALS_TO_HANDLE) and to Slurm's scancel.
+    if not hasattr(signal, "SIG" + name) or name in {"KILL", "STOP", "TERM", "INT", "HUP", "QUIT"}:
         raise ConfigError(
-            f"{source.where('preemption.signal')}: key 'preemption.signal': {name!r} is not a "
-            "signal the agent can catch. Fix: use USR1 (the default), USR2 or TERM."
+            f"{source.where('preemption.signal')}: key 'preemption.signal': {name!r} cannot be "
+            "the preemption signal (it cannot be caught, or already means 'shut down' to torch "
+            "and Slurm). Fix: use USR1 (the default) or USR2."
         )
     config.preemption.signal = name

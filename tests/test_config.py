@@ -144,6 +144,7 @@ def test_missing_file_and_empty_file(job_dir: Path) -> None:
     ("text", "expected"),
     [
         ("preemption: {signal: KILL}", "preemption.signal"),
+        ("preemption: {signal: SIGTERM}", "cannot be the preemption signal"),
         ("rendezvous: {heartbeat_interval: 5, heartbeat_timeout: 5}", "heartbeat_timeout"),
         ("max_restarts: -1", "max_restarts"),
         ("slurm: gpu", "must be a mapping"),
