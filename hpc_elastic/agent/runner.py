@@ -130,6 +130,10 @@ def run_agent(target: str | Path) -> int:
     # Workers inherit the agent's environment: torch's agent copies os.environ for them.
     os.environ.update(worker_environment(config, jobdir, ident))
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    # Every node runs nproc_per_node workers, so ranks can be computed locally: torch then does
+    # not wait in the store for rank 0 to hand them out, which stalls if rank 0 dies right
+    # after a rendezvous.
+    os.environ.setdefault("TORCH_ELASTIC_WORKER_IDENTICAL", "1")
 
     telemetry = install_telemetry(jobdir, ident.node, job_id=ident.job_id, attempt=ident.attempt)
     os.environ.update(telemetry.worker_env())
