@@ -80,7 +80,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_OK
     from hpc_elastic.progress import follow_job
 
-    state = follow_job(job_id)
+    state = follow_job(job_id, jobdir)
     print(f"job {job_id} ended: {state}", file=sys.stderr)
     return EXIT_OK if state == "COMPLETED" else EXIT_FAILED
 
