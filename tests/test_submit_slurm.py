@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,33 @@ def test_three_node_job_runs_to_success_with_every_nodes_logs(
         assert events[-1]["kind"] == "agent.succeeded"
     # one agent per node: three srun task logs
     assert len(list(jobdir.slurm_logs.glob(f"{job_id}_*_log.out"))) == 3
+
+    # The same job in local mode leaves a job directory of the same layout.
+    local_root = tmp_path.parent / f"{tmp_path.name}-local"
+    local = subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
+         "--local", "--set", f"job_root={local_root}", "--set", "nodes=3",
+         "--set", "entrypoint.args=[--epochs, 2, --steps-per-epoch, 5]"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert local.returncode == 0, local.stderr[-3000:]
+    (local_path,) = list(local_root.iterdir())
+    assert layout(JobDir(local_path)) == layout(jobdir)
+
+
+def layout(jobdir: JobDir) -> set[str]:
+    """Relative paths with node names and ranks made generic. Mode-specific files are left out:
+    Slurm's logs and the batch script, the local launcher's PID file, and the rendezvous
+    directory (named after the job id)."""
+    shapes = set()
+    nodes = jobdir.node_names()
+    for path in jobdir.path.rglob("*"):
+        rel = str(path.relative_to(jobdir.path))
+        if rel.startswith(("slurm/", "rendezvous/")) or rel in ("local-agents.json", "sbatch.sh"):
+            continue
+        for index, node in enumerate(nodes):
+            rel = rel.replace(f"nodes/{node}", f"nodes/node{index}")
+        shapes.add(re.sub(r"rank-\d+", "rank-N", rel))
+    return shapes
 
 
 def test_unknown_partition_shows_slurms_own_error(
