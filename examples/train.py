@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -142,14 +143,17 @@ def main() -> None:
                 if rank == 0:
                     save_checkpoint(ckpt_path, snapshot(epoch, step))
                 # Nobody exits before the checkpoint is on disk (the agent requeues as soon as
-                # the workers are done), and all ranks tear down together: a rank that
-                # destroys its process group while a peer is still saving can abort in gloo's
-                # teardown ("terminate called without an active exception", exit -6).
+                # the workers are done).
                 dist.barrier()
                 print(f"rank {rank}: preemption signal, checkpointed at epoch {epoch} step "
                       f"{step} (global step {global_step}); exiting for requeue", flush=True)
-                dist.destroy_process_group()
-                return
+                # Exit without tearing the process group down: with peers exiting at the same
+                # moment, gloo's teardown can abort ("terminate called without an active
+                # exception", exit -6), which the agent would count as a failure. The job is
+                # going away; there is nothing left to clean up.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
             if inject and global_step == args.fail_at_step:
                 raise RuntimeError(f"injected failure at global step {global_step} on rank {rank}")
             x, y = synthetic_batch(epoch, step, rank, args.batch_size)

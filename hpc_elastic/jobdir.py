@@ -94,8 +94,8 @@ class JobDir:
         return self.node(node) / METRICS
 
     def worker_logs(self, node: str, attempt: int, restart: int, rank: int) -> Path:
-        """One worker's files: ``attempt`` counts Slurm requeues, ``restart`` worker-group
-        restarts within the attempt, ``rank`` is the worker's global rank in that round."""
+        """One worker's files: ``attempt`` counts Slurm requeues, ``restart`` the starts of this
+        node's worker group within the attempt (0 first), ``rank`` the worker's global rank."""
         return (self.node(node) / "workers" / f"attempt-{attempt}" / f"restart-{restart}"
                 / f"rank-{rank}")
 

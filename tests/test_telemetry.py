@@ -221,14 +221,14 @@ def test_torch_agent_and_rdzv_events_land_with_real_time_and_kinds(tel_rdzv):
     torch_events.construct_and_record_rdzv_event(
         run_id="r1", message="RendezvousTimeoutError: x", node_state=NodeState.FAILED)
     # hpc_elastic's own shared-filesystem rendezvous
-    torch_events.record(Event("sharedfs.rendezvous.complete", EventSource.AGENT, 5,
+    torch_events.record(Event("sharedfs.rendezvous.completed", EventSource.AGENT, 5,
                               {"run_id": "r1", "node": "n0", "attempt": "2", "round": 4}),
                         "dynamic_rendezvous")
     tel.events.record("preemption.signal", signal="SIGUSR1", node="other")
     got = lines(tel.jobdir.events("n0"))
     assert [ln["kind"] for ln in got] == [
         "agent.rendezvous", "workers.started", "worker.started", "worker.failed",
-        "rendezvous.complete", "rendezvous.failed", "rendezvous.complete", "preemption.signal",
+        "rendezvous.completed", "rendezvous.failed", "rendezvous.completed", "preemption.signal",
     ]
     for ln in got:
         assert ln["v"] == SCHEMA_VERSION and ln["job_id"] == "job-1" and ln["attempt"] == 2
@@ -312,7 +312,7 @@ def test_real_local_elastic_agent_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stdout
     kinds = [ln["kind"] for ln in lines(JobDir(jd).events("n0"))]
-    for k in ("rendezvous.join", "rendezvous.complete", "agent.rendezvous", "workers.started",
+    for k in ("rendezvous.started", "rendezvous.completed", "agent.rendezvous", "workers.started",
               "worker.started", "workers.restart", "worker.succeeded"):
         assert k in kinds, (k, kinds)
     names = {ln["name"] for ln in lines(JobDir(jd).metrics("n0"))}
@@ -464,6 +464,14 @@ def test_worker_metrics_helper_writes_rank_file(tmp_path, tel):
         "v": SCHEMA_VERSION, "time": 0, "job_id": "job-1", "attempt": 2, "node": "n0",
         "rank": 5, "local_rank": 1, "restart": 2, "group": "worker", "name": "loss",
         "value": 0.25, "step": 3}
+
+
+def test_worker_metrics_helper_prefers_the_worker_dir(tmp_path, tel):
+    env = {**os.environ, **tel.worker_env(), "RANK": "5",
+           "HPC_ELASTIC_WORKER_DIR": str(tmp_path / "w")}  # set per worker by the agent
+    subprocess.run([sys.executable, "-c", _WORKER.format(repo=str(REPO))], env=env, check=True,
+                   timeout=30)
+    assert len(lines(tmp_path / "w" / "metrics.jsonl")) == 3
 
 
 def test_worker_metrics_helper_is_a_noop_outside_hpc_elastic(tmp_path):

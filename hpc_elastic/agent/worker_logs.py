@@ -33,15 +33,20 @@ class JobDirLogsSpecs(LogsSpecs):
         self._jobdir = jobdir
         self._node = node
         self._attempt = attempt
+        self._group_starts = 0
 
     @property
     def root_log_dir(self) -> str:
         return str(self._root_log_dir)
 
     def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        """Called once per start of the worker group. ``restart-<n>`` counts those starts on
+        this node: torch's TORCHELASTIC_RESTART_COUNT does not grow when the group restarts
+        for a membership change, and reusing its number would overwrite the earlier logs."""
+        restart = self._group_starts
+        self._group_starts += 1
         dest = LogsDest()
         for local_rank, env in envs.items():
-            restart = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
             rank = int(env.get("RANK", str(local_rank)))
             folder = self._make_folder(
                 self._jobdir.worker_logs(self._node, self._attempt, restart, rank))

@@ -50,8 +50,9 @@ AGENT_EVENT_KINDS: dict[tuple[str, str], str] = {
 }
 # torch rendezvous events (RdzvEvent) are named "<file>:<Class>.<method>"; key: method.
 # FAILED events become rendezvous.failed (rendezvous.heartbeat_failed for heartbeats).
+# The names follow hpc_elastic's own rendezvous (started, completed, failed, closed, ...).
 RDZV_METHOD_KINDS: dict[str, str] = {
-    "next_rendezvous": "rendezvous.join",  # with a rank: rendezvous.complete
+    "next_rendezvous": "rendezvous.started",  # with a rank: rendezvous.completed
     "_add_to_participants": "rendezvous.participant_added",
     "_add_to_wait_list": "rendezvous.waiting",
     "_add_to_redundancy_list": "rendezvous.redundant",
@@ -68,12 +69,16 @@ RDZV_METHOD_KINDS: dict[str, str] = {
 # Kinds torch has no event for; the agent records them with EventLog.record(kind, **fields).
 # Not enforced (any dotted lower-case name works), but these are the documented ones.
 DIRECT_KINDS: dict[str, str] = {
-    "agent.started": "the agent is up: pid, hostname, local_world_size, max_restarts, ...",
-    "worker.exit": "a worker process ended, every time (torch reports only the final result): "
-    "rank, local_rank, restart_count, exit_code, signal, pid, error_file, error",
-    "preemption.signal": "a preemption / time-limit signal arrived: signal, signum",
-    "requeue": "the agent asked Slurm to requeue the job: slurm_job_id, ok, error",
-    "shutdown": "the agent is going down: reason, signal, exit_code",
+    "agent.start": "the agent is up: pid, address, ...",
+    "worker.failed": "a failure as the agent sees it, every one (torch reports only the final "
+    "result): rank, local_rank, exitcode, pid, restart_count, message, error_file, signal",
+    "preemption.signal": "a preemption / time-limit signal arrived: signal, grace_s, forwarded_to",
+    "requeue": "this node requeues the job: reason, claim",
+    "requeue.failed": "the requeue failed: error",
+    "agent.preempted": "the agent ends after a preemption: requeued_by_this_node",
+    "agent.succeeded": "the agent ends, workers succeeded: elapsed_s",
+    "agent.failed": "the agent ends, workers failed: elapsed_s, failures",
+    "shutdown": "the agent was told to stop (a signal): signal",
 }
 # Events (agent-style ``Event``) whose name starts with a key here: kind = value + rest of the name.
 # hpc_elastic's shared-filesystem rendezvous names its events "sharedfs.rendezvous.<what>".
@@ -171,7 +176,7 @@ def _rdzv_fields(data: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     elif node_state == "FAILED":
         kind = "rendezvous.heartbeat_failed" if method == "_keep_alive" else "rendezvous.failed"
     elif method == "next_rendezvous" and data.get("rank") is not None:
-        kind = "rendezvous.complete"
+        kind = "rendezvous.completed"
     else:
         kind = RDZV_METHOD_KINDS.get(method, "rendezvous.event")
     return kind, "rendezvous", fields

@@ -126,8 +126,21 @@ class JsonlWriter:
             return False
         return self.write_bytes(data)
 
-    def write_bytes(self, data: bytes) -> bool:
-        """Append one already-encoded line (must end in ``\\n``) with a single ``os.write``."""
+    def write_many(self, records: list[dict[str, Any]]) -> bool:
+        """Append several records with ONE ``os.write`` (whole lines; a crash can cut only the
+        last one). Used by batch producers to pay one system call per batch."""
+        if self._disabled or self._gen != FORK_GENERATION or not records:
+            return False
+        chunks = []
+        for record in records:
+            try:
+                chunks.append(encode_line(record))
+            except Exception as exc:  # noqa: BLE001
+                warn_once(f"encode:{self.path}", f"could not encode a record: {exc!r}")
+        return bool(chunks) and self.write_bytes(b"".join(chunks), lines=len(chunks))
+
+    def write_bytes(self, data: bytes, *, lines: int = 1) -> bool:
+        """Append already-encoded whole lines (ending in ``\\n``) with a single ``os.write``."""
         if self._disabled or self._gen != FORK_GENERATION:
             return False
         with self._lock:
@@ -149,7 +162,7 @@ class JsonlWriter:
             except OSError as exc:
                 self._disable(exc)
                 return False
-            self.lines_written += 1
+            self.lines_written += lines
             return True
 
     def _open(self) -> int:

@@ -26,7 +26,7 @@ Why a queue and a thread: the agent is nearly idle (2-3 ms of CPU per second), a
 that runs once per 0.1 s tick runs cold - a handful of Python-level calls there cost tens of µs,
 several percent of the agent. So ``emit`` is ``deque.append`` itself (a C call, about as cheap as
 torch's own ``NullMetricHandler.emit``), and a daemon thread applies the rule to the queued
-samples every ``drain_interval_s`` (10 s) in one batch, folding runs of per-tick samples with C
+samples every ``drain_interval_s`` (30 s) in one batch, folding runs of per-tick samples with C
 builtins. Lines keep the samples' own timestamps and reach the file up to ``drain_interval_s``
 later; a SIGKILLed agent loses those queued samples and its open windows' aggregates (the events
 file is written synchronously).
@@ -65,7 +65,8 @@ def _is_per_tick(name: str) -> bool:
 
 
 _NUMBER_TYPES = frozenset({int, float})  # exact types: bool is not a number here
-_SERIES = itemgetter(1, 2)  # MetricData -> (group, name)
+_GROUP = itemgetter(1)
+_NAME = itemgetter(2)
 _TIME = itemgetter(0)
 _VALUE = itemgetter(3)
 
@@ -100,6 +101,7 @@ def _after_fork_in_child() -> None:
     for h in list(_handlers):
         h.emit = h._discard  # type: ignore[method-assign]
         h._queue.clear()
+        h._prev = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -133,7 +135,7 @@ class FileMetricHandler(MetricHandler):
         interval_s: float = 10.0,
         change_gap_s: float = 1.0,
         burst: int = 5,
-        drain_interval_s: float = 10.0,
+        drain_interval_s: float = 30.0,
     ) -> None:
         self.writer = writer
         self.context = context
@@ -144,7 +146,12 @@ class FileMetricHandler(MetricHandler):
         self._series: dict[tuple[str, str], _Series] = {}
         self._lock = threading.RLock()  # the rule's state; taken by the drain thread and flush
         self._queue: deque[MetricData] = deque(maxlen=_QUEUE_MAX)
+        # The queue handed to the previous drain, and how many samples it had: a thread that
+        # fetched the old ``emit`` just before the swap may still append to it (see _take).
+        self._prev: deque[MetricData] | None = None
+        self._prev_n = 0
         self.drained = 0  # samples taken from the queue so far (for benchmarks and debugging)
+        self._out: list[dict[str, Any]] = []  # lines of the current drain/flush: ONE os.write
         self.emit = self._queue.append  # type: ignore[method-assign]  # see module docstring
         self._stop = threading.Event()
         self._thread = threading.Thread(  # holds only a weak reference: no leak if never closed
@@ -160,19 +167,42 @@ class FileMetricHandler(MetricHandler):
     def _discard(self, metric_data: MetricData) -> None:
         return None
 
+    def _take(self) -> list[MetricData]:
+        """Everything queued so far, without a Python-level loop over the samples.
+
+        The queue is swapped for a fresh one (``emit`` with it). A publisher that looked up the
+        old ``emit`` just before the swap appends to the old queue afterwards; those stragglers
+        are picked up from it at the next drain. Caller holds the lock.
+        """
+        old = self._queue
+        self._queue = deque(maxlen=_QUEUE_MAX)
+        self.emit = self._queue.append  # type: ignore[method-assign]
+        batch = list(self._prev)[self._prev_n:] if self._prev is not None else []
+        taken = list(old)
+        self._prev, self._prev_n = old, len(taken)
+        return batch + taken if batch else taken
+
     def _drain(self) -> None:
-        """Apply the rule to every queued sample (per series in arrival order)."""
-        queue = self._queue
-        if self.writer.disabled:  # broken file or forked child: just drop
-            queue.clear()
+        """Apply the rule to every queued sample (per series, in arrival order)."""
+        if self.writer.disabled:  # broken file or forked child: stop queueing, drop what is there
+            self.emit = self._discard  # type: ignore[method-assign]
+            self._queue.clear()
+            self._prev = None
             return
         try:
             with self._lock:
-                batch = [queue.popleft() for _ in range(len(queue))]
+                batch = self._take()
                 self.drained += len(batch)
-                batch.sort(key=_SERIES)  # stable: arrival order kept within a series
-                for key, samples in groupby(batch, _SERIES):
-                    self._apply_series(key, list(samples))
+                batch.sort(key=_NAME)  # stable: arrival order kept within a series
+                for name, samples in groupby(batch, _NAME):
+                    run = list(samples)
+                    groups = set(map(_GROUP, run))
+                    if len(groups) == 1:
+                        self._apply_series((run[0][1], name), run)
+                    else:  # one name in several groups: rare, split keeping the order
+                        for group in sorted(groups):
+                            self._apply_series((group, name), [m for m in run if m[1] == group])
+                self._commit()
         except Exception as exc:  # noqa: BLE001 - telemetry must never break the agent
             warn_once("metrics-handler", f"metric handler error (further ones hidden): {exc!r}")
 
@@ -258,7 +288,7 @@ class FileMetricHandler(MetricHandler):
         line["group"] = group
         line["name"] = name
         line["value"] = value
-        self.writer.write(line)
+        self._out.append(line)
 
     def _flush_series(self, key: tuple[str, str], s: _Series) -> None:
         if s.count == 0:
@@ -276,9 +306,15 @@ class FileMetricHandler(MetricHandler):
                 line["sum"] = s.total
                 line["min"] = s.low
                 line["max"] = s.high
-            self.writer.write(line)
+            self._out.append(line)
         s.written_at, s.written_value = s.last_time, s.last_value
         s.count = 0
+
+    def _commit(self) -> None:
+        """Write the lines collected under the lock with one system call."""
+        out, self._out = self._out, []
+        if out:
+            self.writer.write_many(out)
 
     def flush(self) -> None:
         """Write what is queued and every pending aggregate now."""
@@ -289,6 +325,7 @@ class FileMetricHandler(MetricHandler):
             with self._lock:
                 for key, s in self._series.items():
                     self._flush_series(key, s)
+                self._commit()
         except Exception as exc:  # noqa: BLE001
             warn_once("metrics-handler", f"metric handler error (further ones hidden): {exc!r}")
 

@@ -15,6 +15,9 @@ SCHEMA_VERSION = 1
 
 # Environment variables the agent puts into every worker's environment (see Telemetry.worker_env).
 ENV_WORKER_METRICS = "HPC_ELASTIC_WORKER_METRICS"  # path template of the rank's metrics file
+# The worker's own directory, set per worker by the agent's LogsSpecs (hpc_elastic.agent); when
+# present it wins over the template: the helper writes <dir>/metrics.jsonl next to stdout.log.
+ENV_WORKER_DIR = "HPC_ELASTIC_WORKER_DIR"
 ENV_JOB_ID = "HPC_ELASTIC_JOB_ID"
 ENV_ATTEMPT = "HPC_ELASTIC_ATTEMPT"
 ENV_NODE = "HPC_ELASTIC_NODE"

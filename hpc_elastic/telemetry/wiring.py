@@ -123,7 +123,7 @@ class Telemetry:
         }
 
     def flush(self) -> None:
-        """Write pending metric aggregates (events are never held back)."""
+        """Write queued metric samples and pending aggregates now (events are never held back)."""
         self.metrics.flush()
 
     def close(self) -> None:
@@ -164,7 +164,7 @@ def install(
     metric_interval_s: float = 10.0,
     metric_change_gap_s: float = 1.0,
     metric_burst: int = 5,
-    metric_drain_interval_s: float = 10.0,
+    metric_drain_interval_s: float = 30.0,
     event_destinations: Iterable[str] = DEFAULT_DESTINATIONS,
     torch_rdzv_events: bool = False,
 ) -> Telemetry:

@@ -3,9 +3,10 @@
 Why a file per rank instead of the node's ``metrics.jsonl``: that file has exactly one writer, the
 agent, and ``O_APPEND`` is not atomic across NFS clients. Each worker process therefore appends to
 its own file, ``<node>/workers/attempt-<a>/restart-<r>/rank-<rank>/metrics.jsonl``, whose path the
-agent passes in ``HPC_ELASTIC_WORKER_METRICS`` (a template; ``{rank}``, ``{local_rank}`` and
-``{restart}`` are filled in here from ``RANK``, ``LOCAL_RANK`` and ``TORCHELASTIC_RESTART_COUNT``).
-So every file has one writer for its whole life.
+agent passes in ``HPC_ELASTIC_WORKER_DIR`` (the folder itself, per worker) or
+``HPC_ELASTIC_WORKER_METRICS`` (a template; ``{rank}``, ``{local_rank}`` and ``{restart}`` are
+filled in here from ``RANK``, ``LOCAL_RANK`` and ``TORCHELASTIC_RESTART_COUNT``). So every file
+has one writer for its whole life.
 
 Outside hpc_elastic (the variable unset) every function is a cheap no-op, so the same script runs
 under plain ``python``, ``torchrun`` or anything else. Nothing here imports torch.
@@ -23,12 +24,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..jobdir import METRICS
 from . import jsonl
 from .jsonl import JsonlWriter
 from .schema import (
     ENV_ATTEMPT,
     ENV_JOB_ID,
     ENV_NODE,
+    ENV_WORKER_DIR,
     ENV_WORKER_METRICS,
     PLACEHOLDERS,
     SCHEMA_VERSION,
@@ -54,8 +57,13 @@ def _int_env(name: str) -> int | None:
 def metrics_path() -> str | None:
     """This process's metrics file, or None when not running as an hpc_elastic worker.
 
-    None also when the template names a variable torch did not set (e.g. in the agent itself).
+    ``HPC_ELASTIC_WORKER_DIR`` (the exact folder of this worker, set by the agent's LogsSpecs)
+    wins; else the ``HPC_ELASTIC_WORKER_METRICS`` template, None when it names a variable torch
+    did not set (e.g. in the agent itself).
     """
+    worker_dir = os.environ.get(ENV_WORKER_DIR)
+    if worker_dir:
+        return os.path.join(worker_dir, METRICS)
     template = os.environ.get(ENV_WORKER_METRICS)
     if not template:
         return None
