@@ -39,8 +39,20 @@ def run_local(config: JobConfig, jobdir: JobDir, job_id: str, nodes: int | None 
             print(f"hpc-elastic: attempt {attempt} was preempted; starting attempt {attempt + 1}",
                   file=sys.stderr)
             continue
-        return next((code for code in codes if code != 0), 0)
+        return job_exit_code(codes, config.min_nodes)
     return 1
+
+
+def job_exit_code(codes: list[int], min_nodes: int) -> int:
+    """The job's outcome from its agents' exit codes.
+
+    An agent killed by a signal (negative code) is a lost node, as when a real node dies: the
+    job succeeded if no agent reported a failure and at least ``min_nodes`` agents finished.
+    """
+    failed = [code for code in codes if code > 0]
+    if failed:
+        return failed[0]
+    return 0 if sum(code == 0 for code in codes) >= min_nodes else 1
 
 
 def _run_attempt(jobdir: JobDir, job_id: str, count: int, attempt: int) -> list[int]:
