@@ -100,6 +100,12 @@ def _find_job(args: argparse.Namespace) -> JobDir:
     return jobdir
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from hpc_elastic.batch import run_batch
+
+    return run_batch(args.jobdir)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
@@ -244,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobdir", metavar="JOBDIR|JOB_FILE",
                    help="the job directory created by 'submit', or a job YAML file")
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "batch",
+        help="the batch step of a submitted job: runs the agents with srun (internal)",
+        description="Run 'srun ... hpc-elastic agent JOBDIR' on the allocation, and again on the "
+        "surviving nodes when Slurm kills the step after a node loss (--no-kill jobs). "
+        "'submit' writes it into the batch script.",
+    )
+    p.add_argument("jobdir", metavar="JOBDIR", help="the job directory created by 'submit'")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser(
         "status",

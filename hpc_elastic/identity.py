@@ -17,6 +17,9 @@ LOCAL_NODE_NAME = "HPC_ELASTIC_NODE_NAME"
 LOCAL_NODE_INDEX = "HPC_ELASTIC_NODE_INDEX"
 LOCAL_ATTEMPT = "HPC_ELASTIC_ATTEMPT"
 LOCAL_NODE_ADDR = "HPC_ELASTIC_NODE_ADDR"
+# The number of the agents' srun step within one Slurm attempt, set by the batch supervisor
+# (hpc_elastic/batch.py) when it relaunches the agents on the survivors of a node loss.
+STEP_ENV = "HPC_ELASTIC_STEP"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class NodeIdentity:
     attempt: int
     address: str
     in_slurm: bool
+    step: int = 0
+
+    @property
+    def rendezvous_id(self) -> str:
+        """The rendezvous run id: the job id, plus ``-s<step>`` for a relaunched step, whose
+        agents must not join the rendezvous the killed step abandoned mid-round."""
+        return self.job_id if self.step == 0 else f"{self.job_id}-s{self.step}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeIdentity:
@@ -40,6 +50,7 @@ class NodeIdentity:
                 attempt=int(env.get("SLURM_RESTART_COUNT", "0")),
                 address=env.get(LOCAL_NODE_ADDR) or _address_of(node),
                 in_slurm=True,
+                step=int(env.get(STEP_ENV, "0")),
             )
         node = env.get(LOCAL_NODE_NAME) or socket.gethostname()
         return cls(

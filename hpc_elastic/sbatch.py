@@ -14,6 +14,8 @@ What the script does, and why:
   re-form; a fixed-size job cannot continue on fewer nodes, so it lets Slurm end it instead.
 * ``--requeue`` and ``--signal=<sig>@<grace>`` let the agents checkpoint and requeue the job on
   preemption or before the time limit. Without ``B:`` the signal reaches every srun task.
+* The batch step runs ``hpc_elastic batch`` (not ``srun`` directly): Slurm kills the agents'
+  step on the survivors too when a node goes DOWN, and the supervisor starts them again there.
 * ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13's shared agent TCP store breaks
   re-rendezvous (see docs/architecture.md); with it off, every round gets a fresh address.
 """
@@ -55,7 +57,9 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
     nodes: int | str = (
         config.min_nodes if not config.elastic else f"{config.min_nodes}-{config.max_nodes}"
     )
-    command = shlex.join([python, "-m", "hpc_elastic", "agent", str(jobdir.path)])
+    # The batch step runs the supervisor, which runs ``srun ... hpc_elastic agent`` itself and
+    # relaunches it on the survivors of a node loss (see hpc_elastic/batch.py).
+    command = shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])
     return _make_sbatch_string(
         command=command,
         folder=jobdir.slurm_logs,
@@ -72,7 +76,7 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
         setup=setup,
         wckey=None,  # type: ignore[arg-type]  # submitit's default "submitit" is not ours
         additional_parameters=extra,
-        srun_args=["--kill-on-bad-exit=0"],
+        use_srun=False,
     )
 
 

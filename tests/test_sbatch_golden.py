@@ -55,4 +55,4 @@ def test_elastic_job_keeps_its_allocation_when_a_node_fails(tmp_path: Path) -> N
         assert "#SBATCH --requeue" in text
         assert "#SBATCH --signal=USR1@120" in text
         assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
-        assert text.rstrip().endswith(f"python -m hpc_elastic agent {jobdir.path}")
+        assert text.rstrip().endswith(f"python -m hpc_elastic batch {jobdir.path}")

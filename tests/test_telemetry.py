@@ -168,6 +168,20 @@ def test_bulk_drain_writes_what_sample_by_sample_writes(tmp_path):
     assert 30 < len(got_one) < 400
 
 
+def test_queue_stragglers_and_misuse(tmp_path, capfd):
+    path = tmp_path / "m.jsonl"
+    h = metric_handler(path, drain_interval_s=1e9)
+    stale_emit = h.emit  # a publisher that looked emit up just before a drain swapped the queue
+    h.emit(MetricData(1.0, "app", "a", 1))
+    h._drain()
+    stale_emit(MetricData(2.0, "app", "b", 2))  # lands in the old queue ...
+    h._drain()  # ... and is picked up by the next drain
+    h.emit((3.0, "app", "c"))  # not a MetricData: the batch cannot be realigned, it is dropped
+    h.close()
+    assert [(r["name"], r["value"]) for r in lines(path)] == [("a", 1), ("b", 2)]
+    assert capfd.readouterr().err.count("misaligned") == 1
+
+
 def test_non_numeric_and_non_finite_values(tmp_path):
     path = tmp_path / "m.jsonl"
     h = metric_handler(path, interval_s=10.0, burst=0)

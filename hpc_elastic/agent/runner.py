@@ -141,7 +141,7 @@ def run_agent(target: str | Path) -> int:
     rdzv = config.rendezvous
     handler = create_handler(
         root=Path(rdzv.directory) if rdzv.directory else jobdir.rendezvous,
-        run_id=ident.job_id,
+        run_id=ident.rendezvous_id,
         attempt=ident.attempt,
         min_nodes=config.min_nodes,
         max_nodes=config.max_nodes,
@@ -182,7 +182,8 @@ def run_agent(target: str | Path) -> int:
         preemption.install()
 
     events.record("agent.start", pid=os.getpid(), address=ident.address,
-                     nodes=config.nodes, nproc_per_node=config.nproc_per_node)
+                     nodes=config.nodes, nproc_per_node=config.nproc_per_node,
+                     step=ident.step)
     started = time.monotonic()
     try:
         result = agent.run(ROLE)

@@ -33,7 +33,11 @@ class JobDirLogsSpecs(LogsSpecs):
         self._jobdir = jobdir
         self._node = node
         self._attempt = attempt
-        self._group_starts = 0
+        # A relaunched agent (a new srun step after a node loss, see hpc_elastic/batch.py)
+        # continues this node's count instead of overwriting the killed step's logs.
+        attempt_dir = jobdir.worker_logs(node, attempt, 0, 0).parent.parent
+        self._group_starts = (len(list(attempt_dir.glob("restart-*")))
+                              if attempt_dir.is_dir() else 0)
 
     @property
     def root_log_dir(self) -> str:

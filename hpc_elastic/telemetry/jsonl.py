@@ -82,12 +82,17 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+# One encoder for every line: json.dumps() with options builds a new encoder per call, which
+# costs more than encoding a short line.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str)
+
+
 def encode_line(record: dict[str, Any]) -> bytes:
     """One record as one compact UTF-8 line ending in ``\\n``; unknown objects become ``str``."""
     try:
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False, default=str)
+        text = _ENCODER.encode(record)
     except ValueError:  # a non-finite float somewhere: rare, so pay for the walk only then
-        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str)
+        text = _ENCODER.encode(_finite(record))
     return (text + "\n").encode("utf-8", "backslashreplace")
 
 
