@@ -241,7 +241,7 @@ def test_torch_agent_and_rdzv_events_land_with_real_time_and_kinds(tel_rdzv):
     tel.events.record("preemption.signal", signal="SIGUSR1", node="other")
     got = lines(tel.jobdir.events("n0"))
     assert [ln["kind"] for ln in got] == [
-        "agent.rendezvous", "workers.started", "worker.started", "worker.failed",
+        "agent.rendezvous", "workers.started", "worker.started", "worker.failed_final",
         "rendezvous.completed", "rendezvous.failed", "rendezvous.completed", "preemption.signal",
     ]
     for ln in got:

@@ -17,10 +17,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
 from hpc_elastic.jobdir import JobDir
-
-# Set in every worker's environment: where this worker's files are (the worker metrics helper
-# writes its metrics.jsonl there).
-WORKER_DIR_ENV = "HPC_ELASTIC_WORKER_DIR"
+from hpc_elastic.telemetry.schema import ENV_WORKER_DIR
 
 
 class JobDirLogsSpecs(LogsSpecs):
@@ -61,7 +58,7 @@ class JobDirLogsSpecs(LogsSpecs):
                 dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
             dest.error_files[local_rank] = str(folder / "error.json")
             env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
-            env[WORKER_DIR_ENV] = str(folder)
+            env[ENV_WORKER_DIR] = str(folder)  # worker metrics go next to its logs
         return dest
 
     def _make_folder(self, folder: Path) -> Path:

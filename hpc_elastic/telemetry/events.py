@@ -44,7 +44,9 @@ AGENT_EVENT_KINDS: dict[tuple[str, str], str] = {
     ("AGENT", "FAILED"): "agent.failed",
     ("WORKER", "START"): "worker.started",
     ("WORKER", "SUCCEEDED"): "worker.succeeded",  # final result only, one per worker
-    ("WORKER", "FAILED"): "worker.failed",  # final result only: exit_code, error
+    # Final result only: the agent records every failure itself as worker.failed the moment it
+    # sees it, so torch's copy gets its own kind and is never counted twice.
+    ("WORKER", "FAILED"): "worker.failed_final",
     ("WORKER", "TERMINATED"): "worker.terminated",  # stopped by the agent, final result
     ("WORKER", "UNHEALTHY"): "worker.unhealthy",
 }
