@@ -5,8 +5,9 @@ rendezvous round the node is in, whether it has a pending join) is per node, and
 sequentially avoids a 64-way heap merge on the hot path. Job-level facts (a round's start and end,
 its participants) are then min/max/union over nodes, which is order independent.
 
-Rounds are keyed ``(attempt, round)``: every Slurm attempt has its own rendezvous and numbers its
-rounds from 0 again.
+Rounds are keyed ``(attempt, step, round)``: every Slurm attempt, and every relaunch of the agents'
+srun step within an attempt after a node loss (``step`` on ``agent.start``), has its own
+rendezvous that numbers its rounds from 0 again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Round:
 
     attempt: int
     round: int
+    step: int = 0
     start: float | None = None
     end: float | None = None
     participants: set[str] = field(default_factory=set)
@@ -43,7 +45,8 @@ class Round:
 
     def as_dict(self) -> dict[str, Any]:
         dur = None if self.start is None or self.end is None else round(self.end - self.start, 3)
-        return {"attempt": self.attempt, "round": self.round, "start": self.start,
+        return {"attempt": self.attempt, "step": self.step, "round": self.round,
+                "start": self.start,
                 "end": self.end, "duration_s": dur, "participants": sorted(self.participants),
                 "world_size": self.world_size}
 
@@ -104,7 +107,8 @@ def _int(value: Any) -> int | None:
     return None
 
 
-def _failure(rec: dict[str, Any], key: tuple[int, int] | None, **extra: Any) -> dict[str, Any]:
+def _failure(rec: dict[str, Any], key: tuple[int, int, int] | None,
+             **extra: Any) -> dict[str, Any]:
     exitcode = rec.get("exitcode", rec.get("exit_code"))
     message = rec.get("message")
     if not isinstance(message, str):
@@ -113,7 +117,8 @@ def _failure(rec: dict[str, Any], key: tuple[int, int] | None, **extra: Any) -> 
     if message:
         message = message.strip().splitlines()[-1] if message.strip() else None
     out = {"time": rec["time"], "error_time": rec.get("error_time"), "node": rec.get("node"),
-           "attempt": _int(rec.get("attempt")) or 0, "round": key[1] if key else None,
+           "attempt": _int(rec.get("attempt")) or 0, "step": key[1] if key else 0,
+           "round": key[2] if key else None,
            "restart_count": rec.get("restart_count"), "rank": rec.get("rank"),
            "local_rank": rec.get("local_rank"), "exitcode": exitcode, "pid": rec.get("pid"),
            "signal": rec.get("signal"), "message": message,
@@ -129,7 +134,7 @@ def build(job: Job) -> JobModel:
     submitted_at = float(submitted) if isinstance(submitted, (int, float)) else None
     job_id = sub.get("job_id")
     nodes = job.nodes()
-    rounds: dict[tuple[int, int], Round] = {}
+    rounds: dict[tuple[int, int, int], Round] = {}
     health: dict[str, NodeHealth] = {}
     failures: list[dict[str, Any]] = []
     attempts: set[int] = set()
@@ -142,15 +147,16 @@ def build(job: Job) -> JobModel:
     n_events = 0
     seen_failures: set[tuple[Any, ...]] = set()
 
-    def get_round(key: tuple[int, int]) -> Round:
+    def get_round(key: tuple[int, int, int]) -> Round:
         r = rounds.get(key)
         if r is None:
-            r = rounds[key] = Round(key[0], key[1])
+            r = rounds[key] = Round(attempt=key[0], step=key[1], round=key[2])
         return r
 
     for node in nodes:
         h = health[node] = NodeHealth(node)
-        current: dict[int, tuple[int, int]] = {}  # attempt -> round key the node is in
+        current: dict[int, tuple[int, int, int]] = {}  # attempt -> round key the node is in
+        step_of: dict[int, int] = {}  # attempt -> the agents' srun step this node runs in
         pending_join: dict[int, float] = {}  # attempt -> time of an unanswered join
         fallback_round: dict[int, int] = {}
         for rec in job.events(node):
@@ -182,13 +188,14 @@ def build(job: Job) -> JobModel:
             if kind in ("agent.start", "agent.started"):
                 if first_start is None or t < first_start:
                     first_start = t
+                step_of[attempt] = _int(rec.get("step")) or 0
             elif kind in ("rendezvous.started", "rendezvous.join"):
                 pending_join.setdefault(attempt, t)
             elif kind in ("rendezvous.completed", "rendezvous.complete"):
                 rnd = _int(rec.get("round"))
                 if rnd is None:
                     continue
-                key = (attempt, rnd)
+                key = (attempt, step_of.get(attempt, 0), rnd)
                 r = get_round(key)
                 start = pending_join.pop(attempt, None)
                 if start is None and isinstance(rec.get("duration_ms"), (int, float)):
@@ -208,7 +215,7 @@ def build(job: Job) -> JobModel:
                 # number the node's rounds itself; duration_ms gives the join time.
                 rnd = fallback_round.get(attempt, 0)
                 fallback_round[attempt] = rnd + 1
-                key = (attempt, rnd)
+                key = (attempt, step_of.get(attempt, 0), rnd)
                 r = get_round(key)
                 start = pending_join.pop(attempt)
                 r.start = start if r.start is None else min(r.start, start)
@@ -255,7 +262,8 @@ def build(job: Job) -> JobModel:
                             merged.get("restart_count"))
                     dup = any(x["node"] == node and x["attempt"] == attempt
                               and x["rank"] == merged.get("rank")
-                              and x["round"] == (key[1] if key else None) for x in failures)
+                              and x["round"] == (key[2] if key else None)
+                              and x["step"] == (key[1] if key else 0) for x in failures)
                     if fkey in seen_failures or dup:
                         continue
                     seen_failures.add(fkey)
@@ -281,7 +289,7 @@ def build(job: Job) -> JobModel:
     failures.sort(key=lambda f: (*_failure_order(f), f["node"] or "", f["rank"] or 0))
     for f in failures:  # the root's error_time: when useful work really stopped
         if f["root"] and isinstance(f["error_time"], (int, float)) and f["round"] is not None:
-            r = rounds.get((f["attempt"], f["round"]))
+            r = rounds.get((f["attempt"], f["step"], f["round"]))
             if r is not None and r.end is not None and r.end <= f["error_time"] < f["time"]:
                 r.first_failure = float(f["error_time"])
     return JobModel(job_id=job_id if isinstance(job_id, str) else None,
@@ -305,7 +313,7 @@ def _mark_roots(failures: list[dict[str, Any]]) -> None:
     """
     groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
     for f in failures:
-        groups.setdefault((f["attempt"], f["round"]), []).append(f)
+        groups.setdefault((f["attempt"], f["step"], f["round"]), []).append(f)
     for group in groups.values():
         causes = [f for f in group if not is_cascade(f["message"], f["exitcode"])]
         root = min(causes or group, key=_failure_order)

@@ -46,7 +46,7 @@ def _segments(m: JobModel) -> list[tuple[str, float, float]]:
         if prev_attempt_end is not None and span[0] > prev_attempt_end:
             segs.append(("queued", prev_attempt_end, span[0]))
         rounds = sorted((r for r in m.rounds.values() if r.attempt == attempt),
-                        key=lambda r: r.round)
+                        key=lambda r: (r.step, r.round))
         rounds = [r for r in rounds if r.start is not None and r.end is not None]
         cursor = span[0]
         if rounds and rounds[0].start is not None and rounds[0].start > cursor:
@@ -70,7 +70,7 @@ def _segments(m: JobModel) -> list[tuple[str, float, float]]:
     return segs
 
 
-FAILURE_FIELDS = ("time", "error_time", "node", "attempt", "round", "rank", "exitcode",
+FAILURE_FIELDS = ("time", "error_time", "node", "attempt", "step", "round", "rank", "exitcode",
                   "message", "root")
 PHASES = ("queued", "startup", "rendezvous", "training", "restarting", "lost to failures")
 
@@ -106,8 +106,9 @@ def summarize(job: Job) -> dict[str, Any]:
         "attempt_ids": sorted(m.attempts),
         "restarts": len(restarts),
         "restarts_after_failure": failure_restarts,
-        "rendezvous_rounds": [r.as_dict() for r in sorted(m.rounds.values(),
-                                                           key=lambda r: (r.attempt, r.round))],
+        "rendezvous_rounds": [
+            r.as_dict()
+            for r in sorted(m.rounds.values(), key=lambda r: (r.attempt, r.step, r.round))],
         "failures_count": len(m.failures),
         "failures": [{k: f[k] for k in FAILURE_FIELDS} for f in m.failures],
         "preemptions": m.preemptions,
@@ -134,7 +135,8 @@ def render(s: dict[str, Any]) -> str:
                f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
     out.append("rendezvous rounds:")
     for r in s["rendezvous_rounds"]:
-        out.append(f"  attempt {r['attempt']} round {r['round']}: {dur(r['duration_s']):>8}  "
+        step = f" step {r['step']}" if r.get("step") else ""
+        out.append(f"  attempt {r['attempt']}{step} round {r['round']}: {dur(r['duration_s']):>8}  "
                    f"at {iso(r['start'])}  nodes {','.join(r['participants'])}")
     roots = [f for f in s["failures"] if f["root"]]
     if roots:
