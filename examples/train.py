@@ -95,6 +95,19 @@ def synthetic_batch(epoch: int, step: int, rank: int, batch: int) -> tuple[torch
     return x, y
 
 
+def exit_without_teardown() -> None:
+    """Exit 0 now, after the ranks' last barrier, without tearing the process group down.
+
+    Measured on torch 2.13 with gloo: when all ranks exit at the same moment, the teardown in
+    one of them sometimes aborts ("terminate called without an active exception", exit -6).
+    The agent counts that as a failure and restarts the whole group for nothing. Every rank has
+    passed a barrier and rank 0's checkpoint is on disk, so there is nothing left to clean up.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def emit_metric(name: str, value: float) -> None:
     """Report a metric through hpc_elastic when it is installed; a no-op elsewhere."""
     try:
@@ -147,13 +160,7 @@ def main() -> None:
                 dist.barrier()
                 print(f"rank {rank}: preemption signal, checkpointed at epoch {epoch} step "
                       f"{step} (global step {global_step}); exiting for requeue", flush=True)
-                # Exit without tearing the process group down: with peers exiting at the same
-                # moment, gloo's teardown can abort ("terminate called without an active
-                # exception", exit -6), which the agent would count as a failure. The job is
-                # going away; there is nothing left to clean up.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
+                exit_without_teardown()
             if inject and global_step == args.fail_at_step:
                 raise RuntimeError(f"injected failure at global step {global_step} on rank {rank}")
             x, y = synthetic_batch(epoch, step, rank, args.batch_size)
@@ -176,7 +183,7 @@ def main() -> None:
         dist.barrier()
     print(f"rank {rank}: training finished at global step {global_step}, "
           f"final loss {last_loss:.4f}", flush=True)
-    dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

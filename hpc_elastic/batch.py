@@ -33,6 +33,7 @@ from types import FrameType
 
 from hpc_elastic.identity import STEP_ENV
 from hpc_elastic.jobdir import JobDir
+from hpc_elastic.slurm import SlurmError, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
 
@@ -43,8 +44,10 @@ OUTCOMES = frozenset({"agent.succeeded", "agent.failed", "agent.preempted"})
 
 def _slurm(*args: str) -> str:
     """Run a Slurm client; its stdout ('' when it fails: the caller then sees no usable node)."""
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
-    return proc.stdout if proc.returncode == 0 else ""
+    try:
+        return run_slurm(args)
+    except SlurmError:
+        return ""
 
 
 def hostnames(nodelist: str) -> list[str]:
