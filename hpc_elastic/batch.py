@@ -97,7 +97,7 @@ def outcome_logged(jobdir: JobDir, attempt: int, since: float) -> str | None:
 
 def srun_command(jobdir: JobDir, python: str, step: int, nodes: Sequence[str] | None) -> list[str]:
     """The srun of one step: one agent per node. Step 0 runs on the whole allocation and writes
-    ``%j_%t_log.out`` (see ``sbatch_agent_log``); later steps name their nodes and their logs."""
+    ``slurm/%j_<node index>_log.out``; later steps name their nodes and their logs."""
     logs = jobdir.slurm_logs
     stem = "%j_%t" if step == 0 else f"%j_s{step}_%t"
     command = ["srun", "--unbuffered", "--output", str(logs / f"{stem}_log.out"),

@@ -11,11 +11,14 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hpc_elastic.telemetry.schema import ENV_ATTEMPT, ENV_JOB_ID
+
 # The local-mode equivalents of SLURM_JOB_ID, SLURMD_NODENAME, SLURM_NODEID, SLURM_RESTART_COUNT.
-LOCAL_JOB_ID = "HPC_ELASTIC_JOB_ID"
+# Job id and attempt share their names with what workers see (telemetry's schema defines them).
+LOCAL_JOB_ID = ENV_JOB_ID
 LOCAL_NODE_NAME = "HPC_ELASTIC_NODE_NAME"
 LOCAL_NODE_INDEX = "HPC_ELASTIC_NODE_INDEX"
-LOCAL_ATTEMPT = "HPC_ELASTIC_ATTEMPT"
+LOCAL_ATTEMPT = ENV_ATTEMPT
 LOCAL_NODE_ADDR = "HPC_ELASTIC_NODE_ADDR"
 # The number of the agents' srun step within one Slurm attempt, set by the batch supervisor
 # (hpc_elastic/batch.py) when it relaunches the agents on the survivors of a node loss.

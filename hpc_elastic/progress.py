@@ -75,17 +75,17 @@ def follow_job(job_id: str, jobdir: JobDir | None = None, poll_s: float = 1.0,
         else:
             unknown_since = None
         elapsed = int(time.monotonic() - started)
-        line = f"job {job_id}: {state or 'LEFT QUEUE'}"
+        shown = f"job {job_id}: {state or 'LEFT QUEUE'}"
         if tail is not None:
             tail.poll()
-            line += f"  nodes training {len(tail.running)}  restarts {tail.restarts}"
-        line += f"  elapsed {elapsed // 60}:{elapsed % 60:02d}"
+            shown += f"  nodes training {len(tail.running)}  restarts {tail.restarts}"
+        line = f"{shown}  elapsed {elapsed // 60}:{elapsed % 60:02d}"
         if out.isatty():
             out.write("\r" + line.ljust(78))
             out.flush()
-        elif line.rsplit("  elapsed", 1)[0] != last_shown:
+        elif shown != last_shown:  # off a terminal, print only what changed (not the clock)
             print(line, file=out, flush=True)
-            last_shown = line.rsplit("  elapsed", 1)[0]
+            last_shown = shown
         if state in slurm.FINAL_STATES or state == "UNKNOWN":
             if out.isatty():
                 out.write("\n")

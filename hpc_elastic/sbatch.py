@@ -23,7 +23,6 @@ What the script does, and why:
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
@@ -78,8 +77,3 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
         additional_parameters=extra,
         use_srun=False,
     )
-
-
-def sbatch_agent_log(jobdir: JobDir, job_id: str, task: int) -> Path:
-    """Where srun writes the stdout of the agent of one node (task = node index)."""
-    return jobdir.slurm_logs / f"{job_id}_{task}_log.out"

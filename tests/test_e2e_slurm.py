@@ -16,11 +16,11 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 from slurm_cluster.fixture import SlurmCluster
 
 from hpc_elastic.jobdir import JobDir
@@ -86,16 +86,6 @@ def summary_text(jobdir: JobDir) -> str:
         capture_output=True, text=True, timeout=60).stdout
     print(f"\n$ hpc-elastic logs summary {jobdir.path}\n{text}")
     return text
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def processes_mentioning(text: str) -> list[int]:

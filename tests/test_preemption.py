@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 
 from hpc_elastic.agent.preemption import Preemption, ignores_signal
 from hpc_elastic.jobdir import JobDir
@@ -37,17 +38,6 @@ RESUMED = re.compile(r"attempt (\d+) restart \d+, starting at epoch (\d+) step (
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-
 
 def events(jobdir: JobDir) -> list[dict[str, Any]]:
     return [e for node in jobdir.node_names() for e in read_jsonl(jobdir.events(node))]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers, whatever pytest's import mode
-from rendezvous_helpers.harness import WORKER, Cluster, wait_for  # noqa: E402
+from polling import wait_for  # noqa: E402
+from rendezvous_helpers.harness import WORKER, Cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,7 @@ def test_killed_node_is_dropped_and_the_others_finish(cluster, victim):
                 return r["agent"], r["master"]
         return None
 
-    agent_pid, old_master = wait_for(training_node, 60, "training with 6 workers")
+    agent_pid, old_master = wait_for("training with 6 workers", training_node, 60, every=0.05)
     dead = next(n for n, p in cluster.nodes.items() if p.pid == agent_pid)
     killed = time.time()
     cluster.kill_node(dead)
@@ -71,7 +72,7 @@ def test_killed_node_is_dropped_and_the_others_finish(cluster, victim):
     def running_again():
         return [r for r in cluster.records("progress") if r["world"] == 4 and r["time"] > killed]
 
-    wait_for(running_again, 60, "training again with 4 workers")
+    wait_for("training again with 4 workers", running_again, 60, every=0.05)
     recovery = min(r["time"] for r in running_again()) - killed
     survivors = [n for n in names if n != dead]
     _check_all_succeeded(cluster, survivors)
@@ -89,8 +90,8 @@ def test_node_joining_late_is_admitted_at_the_next_round(cluster):
     conf = {**TUNED, "last_call_timeout": 1}
     for name in ("n0", "n1"):
         cluster.start_agent(name, "job", "2:3", conf, ["--steps", "60", "--step-time", "0.05"])
-    wait_for(lambda: [r for r in cluster.records("progress") if r["world"] == 4], 60,
-             "training with 2 nodes")
+    wait_for("training with 2 nodes",
+             lambda: [r for r in cluster.records("progress") if r["world"] == 4], 60, every=0.05)
     cluster.start_agent("late", "job", "2:3", conf, ["--steps", "60", "--step-time", "0.05"])
     _check_all_succeeded(cluster, ["n0", "n1", "late"])
     done = cluster.records("done")

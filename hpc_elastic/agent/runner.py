@@ -101,16 +101,16 @@ def failure_message(message: object) -> str:
     return str(message)
 
 
-def worker_environment(config: JobConfig, jobdir: JobDir, ident: NodeIdentity) -> dict[str, str]:
-    """Variables the workers see on top of torch's own (RANK, WORLD_SIZE, MASTER_ADDR, ...)."""
+def worker_environment(config: JobConfig, jobdir: JobDir) -> dict[str, str]:
+    """Variables the workers see on top of torch's own (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    The job id, attempt and node come from the telemetry's ``worker_env()``, which the agent
+    adds as well."""
     return {
         **config.env,
         "HPC_ELASTIC_JOBDIR": str(jobdir.path),
         "HPC_ELASTIC_CHECKPOINT_DIR": str(jobdir.checkpoints),
         "HPC_ELASTIC_PREEMPT_SIGNAL": config.preemption.signal,
-        "HPC_ELASTIC_ATTEMPT": str(ident.attempt),
-        "HPC_ELASTIC_NODE_NAME": ident.node,
-        "HPC_ELASTIC_JOB_ID": ident.job_id,
     }
 
 
@@ -128,7 +128,7 @@ def run_agent(target: str | Path) -> int:
         jobdir = JobDir(Path(target).resolve())
         config = read_job_config(jobdir)
     # Workers inherit the agent's environment: torch's agent copies os.environ for them.
-    os.environ.update(worker_environment(config, jobdir, ident))
+    os.environ.update(worker_environment(config, jobdir))
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # Every node runs nproc_per_node workers, so ranks can be computed locally: torch then does
     # not wait in the store for rank 0 to hand them out, which stalls if rank 0 dies right
