@@ -17,6 +17,13 @@ the supervisor launches a new step on the usable nodes. Each step gets a number
 step's rendezvous was abandoned mid-round by SIGKILLed agents and must not be reused. Training
 resumes from the checkpoint, as after any restart. The batch step exits 0 when an agent
 succeeded (even if srun itself reported the lost node's task as failed), else srun's code.
+
+Runs that span several jobs (docs/elastic-across-jobs.md): the *lead* job's supervisor publishes
+the run's current rendezvous (attempt, step) before each step, and a *member* job's supervisor
+(``grow``, array tasks: ``HPC_ELASTIC_RUN_ID`` is set) starts its agents in it. A member never
+relaunches: its nodes are extra, and the run goes on without them. When the lead stops for good
+without success (cancelled, preempted and requeued), it cancels the member jobs, so a requeued
+run never trains twice side by side.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from hpc_elastic.identity import STEP_ENV
+from hpc_elastic.identity import RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir
+from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
 from hpc_elastic.slurm import SlurmError, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
@@ -133,6 +141,8 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
     """Supervise the agents' steps to the end of the job; return the batch step's exit code."""
     env = dict(os.environ if env is None else env)
     jobdir = JobDir(Path(target).resolve())
+    if env.get(RUN_ID_ENV):
+        return _run_member(jobdir, env)
     config = read_job_config(jobdir)
     job_id = env.get("SLURM_JOB_ID", "")
     attempt = int(env.get("SLURM_RESTART_COUNT", "0"))
@@ -142,20 +152,17 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
 
     step, nodes = 0, None  # step 0: the whole allocation, as srun would by default
     while True:
-        command = srun_command(jobdir, python, step, nodes)
-        print(f"hpc_elastic batch: step {step}: {shlex.join(command)}", flush=True)
-        launched = time.time() - 1.0  # event times come from other nodes' clocks
-        ran_on = list(nodes) if nodes is not None else allocated
-        stop.child = subprocess.Popen(command, env={**env, STEP_ENV: str(step)})
-        rc = stop.child.wait()
-        outcome = outcome_logged(jobdir, attempt, launched)
-        print(f"hpc_elastic batch: step {step} ended: srun rc {rc}, outcome {outcome}",
-              flush=True)
+        publish_run_pointer(jobdir, job_id, attempt, step)
+        rc, outcome = _run_step(jobdir, python, step, nodes, env, stop, attempt)
         if outcome == "agent.succeeded":
             return 0
+        ran_on = list(nodes) if nodes is not None else allocated
+        preempted = (jobdir.path / "requeue" / f"attempt-{attempt}").exists()
+        if stop.signum is not None or preempted:
+            _cancel_members(jobdir, job_id)
         if rc == 0 or outcome is not None or stop.signum is not None:
             return rc if stop.signum is None else 128 + stop.signum
-        if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
+        if preempted:
             return rc  # preempted: Slurm requeues the job; the next attempt starts over
         left = usable(job_nodes(job_id, allocated))
         lost = [n for n in ran_on if n not in left]
@@ -167,3 +174,44 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         nodes = left[:config.max_nodes]
         print(f"hpc_elastic batch: lost {','.join(lost)}; relaunching on "
               f"{','.join(nodes)} as step {step}", flush=True)
+
+
+def _run_step(jobdir: JobDir, python: str, step: int, nodes: Sequence[str] | None,
+              env: Mapping[str, str], stop: _Stop, attempt: int,
+              ) -> tuple[int, str | None]:
+    """One srun of agents, to its end: srun's exit code and the outcome an agent logged."""
+    command = srun_command(jobdir, python, step, nodes)
+    print(f"hpc_elastic batch: step {step}: {shlex.join(command)}", flush=True)
+    launched = time.time() - 1.0  # event times come from other nodes' clocks
+    stop.child = subprocess.Popen(command, env={**env, STEP_ENV: str(step)})
+    rc = stop.child.wait()
+    outcome = outcome_logged(jobdir, attempt, launched)
+    print(f"hpc_elastic batch: step {step} ended: srun rc {rc}, outcome {outcome}", flush=True)
+    return rc, outcome
+
+
+def _run_member(jobdir: JobDir, env: dict[str, str]) -> int:
+    """The batch step of a member job: its agents join the run's current rendezvous once.
+
+    No relaunch after a lost node: the run goes on without this job's nodes, as it would after
+    the job ended."""
+    config = read_job_config(jobdir)
+    pointer = read_run_pointer(jobdir, env[RUN_ID_ENV])
+    print(f"hpc_elastic batch: member of run {pointer.run_id}, joining attempt "
+          f"{pointer.attempt} step {pointer.step}", flush=True)
+    env = {**env, RUN_ATTEMPT_ENV: str(pointer.attempt)}
+    stop = _Stop(config.preemption.signal)
+    rc, outcome = _run_step(jobdir, sys.executable, pointer.step, None, env, stop,
+                               pointer.attempt)
+    if outcome == "agent.succeeded":
+        return 0
+    return rc if stop.signum is None else 128 + stop.signum
+
+
+def _cancel_members(jobdir: JobDir, own_job_id: str) -> None:
+    """The lead stops for good: end the member jobs too (see the module docstring)."""
+    others = [m.job_id for m in read_members(jobdir) if m.kind != LEAD and m.job_id != own_job_id]
+    if others:
+        print(f"hpc_elastic batch: the lead stops; cancelling member job(s) {', '.join(others)}",
+              flush=True)
+        _slurm("scancel", *others)

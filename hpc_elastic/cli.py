@@ -13,11 +13,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpc_elastic import __version__
 from hpc_elastic.analysis import cli as analysis_cli
-from hpc_elastic.config import ConfigError
+from hpc_elastic.config import ConfigError, JobConfig
 from hpc_elastic.jobdir import JobDir, find_jobdir
+
+if TYPE_CHECKING:  # submitit is imported only by the commands that render scripts
+    from hpc_elastic.sbatch import MemberScript
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -40,9 +44,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     from hpc_elastic import local, slurm, submit
     from hpc_elastic.config import load_config
+    from hpc_elastic.members import ARRAY, LEAD, MemberJob, record_member
     from hpc_elastic.sbatch import render_sbatch
 
     config = load_config(args.job_file, args.set)
+    member = _array_member(args, config)
     use_local = args.local or not slurm.slurm_available()
     if use_local and not args.local:
         print("hpc-elastic: Slurm's sbatch is not on PATH, so the job runs on this machine with "
@@ -54,8 +60,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(f"would run locally: {config.max_nodes} agent(s) x {config.nproc_per_node} "
                   f"worker(s) of {' '.join(config.entrypoint.command())} in {jobdir.path}")
         else:
-            print(render_sbatch(config, jobdir, sys.executable), end="")
+            print(render_sbatch(config, jobdir, sys.executable, member=member), end="")
         return EXIT_OK
+    if use_local and member is not None:
+        raise UsageError("--array needs Slurm: its single-node jobs join as Slurm schedules "
+                         "them. Without --array, --local runs all simulated nodes at once.")
     if use_local:
         submit.create_jobdir(config, jobdir)
         job_id = local.local_job_id(jobdir)
@@ -68,13 +77,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
               f"what happened: hpc-elastic logs summary {jobdir.path}", flush=True)
         return EXIT_OK if code == 0 else EXIT_FAILED
 
-    submit.prepare_slurm_job(config, jobdir)
+    submit.prepare_slurm_job(config, jobdir, member)
     try:
         job_id = slurm.submit_script(str(jobdir.sbatch_script))
     except slurm.SlurmError as err:
         shutil.rmtree(jobdir.path)  # only our own fresh files: nothing ran, nothing is lost
         raise UsageError(f"{err}. Nothing was submitted.") from None
-    submit.write_submission(jobdir, submit.Submission("slurm", job_id, time.time(), config.name))
+    now = time.time()
+    submit.write_submission(jobdir, submit.Submission("slurm", job_id, now, config.name))
+    record_member(jobdir, MemberJob(
+        job_id, ARRAY if member else LEAD, "1" if member else config.nodes.replace(":", "-"),
+        now, script=jobdir.sbatch_script.name, tasks=args.array))
     print(f"submitted job {job_id}\njob directory: {jobdir.path}", flush=True)
     if not args.wait:
         return EXIT_OK
@@ -83,6 +96,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     state = follow_job(job_id, jobdir)
     print(f"job {job_id} ended: {state}", file=sys.stderr)
     return EXIT_OK if state == "COMPLETED" else EXIT_FAILED
+
+
+def _array_member(args: argparse.Namespace, config: JobConfig) -> MemberScript | None:
+    """``--array N``: the run starts as N single-node jobs; None without it."""
+    if args.array is None:
+        return None
+    from hpc_elastic.sbatch import MemberScript
+
+    if not config.min_nodes <= args.array <= config.max_nodes:
+        raise UsageError(
+            f"--array {args.array}: the job's nodes are {config.nodes} ({args.job_file}), so an "
+            f"array start needs between {config.min_nodes} tasks (training starts when "
+            f"min_nodes have joined) and {config.max_nodes} (more could never join). "
+            f"Use --array {config.max_nodes}, or change nodes.")
+    return MemberScript(array_tasks=args.array)
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from hpc_elastic.grow import GrowRefused, grow
+    from hpc_elastic.slurm import SlurmError
+
+    jobdir = _find_job(args)
+    try:
+        member = grow(jobdir, args.nodes, args.set, args.config)
+    except (GrowRefused, SlurmError) as err:
+        raise UsageError(f"{err}") from None
+    print(f"submitted grow job {member.job_id} ({member.nodes} node(s)); its agents join the "
+          f"run when Slurm starts it\njob directory: {jobdir.path}\n"
+          f"follow it: hpc-elastic status {jobdir.path}")
+    return EXIT_OK
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -237,7 +280,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--wait", action="store_true", help="follow the job to its end; exit 0 only on success"
     )
+    p.add_argument(
+        "--array", type=int, metavar="N",
+        help="start the run as a Slurm array of N single-node jobs that join as Slurm "
+        "schedules them; training starts once min_nodes have joined "
+        "(docs/elastic-across-jobs.md)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "grow",
+        help="add nodes to a running job from a separate Slurm job",
+        description="Submit a separate Slurm job of K nodes whose agents join JOB's run (up to "
+        "its max_nodes). The running workers re-form at their next monitor tick with the larger "
+        "world and resume from their checkpoint; when the grow job ends or is cancelled, the run "
+        "shrinks back. Refused for a finished job, beyond max_nodes, or with a config that "
+        "differs from the run's (only slurm.* may differ).",
+    )
+    _job_arg(p)
+    _root_arg(p)
+    p.add_argument("--nodes", type=int, required=True, metavar="K", help="nodes to add")
+    p.add_argument("--config", metavar="JOB_FILE",
+                   help="the job file to check against the run's config (default: the run's "
+                   "own resolved job.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key for the grow job, e.g. --set slurm.partition=other "
+                   "(only slurm.* may differ from the run)")
+    p.set_defaults(func=cmd_grow)
 
     p = sub.add_parser(
         "agent",

@@ -23,6 +23,11 @@ LOCAL_NODE_ADDR = "HPC_ELASTIC_NODE_ADDR"
 # The number of the agents' srun step within one Slurm attempt, set by the batch supervisor
 # (hpc_elastic/batch.py) when it relaunches the agents on the survivors of a node loss.
 STEP_ENV = "HPC_ELASTIC_STEP"
+# A member job (``grow``, or a task of ``submit --array``) joins the rendezvous of another job:
+# the run's id (the lead's job id, or the array's job id) and the run's current attempt. Set by
+# the member's batch script and its batch supervisor (hpc_elastic/batch.py).
+RUN_ID_ENV = "HPC_ELASTIC_RUN_ID"
+RUN_ATTEMPT_ENV = "HPC_ELASTIC_RUN_ATTEMPT"
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,18 @@ class NodeIdentity:
     address: str
     in_slurm: bool
     step: int = 0
+    #: The run this agent trains in: its own job id, or the lead's (the array's) for a member.
+    run_id: str = ""
+    #: An agent of a ``grow`` job or of an array task: it joins a run that is not its own job,
+    #: so it neither requeues nor relaunches that run (see hpc_elastic/members.py).
+    is_member: bool = False
 
     @property
     def rendezvous_id(self) -> str:
-        """The rendezvous run id: the job id, plus ``-s<step>`` for a relaunched step, whose
+        """The rendezvous run id: the run's id, plus ``-s<step>`` for a relaunched step, whose
         agents must not join the rendezvous the killed step abandoned mid-round."""
-        return self.job_id if self.step == 0 else f"{self.job_id}-s{self.step}"
+        run = self.run_id or self.job_id
+        return run if self.step == 0 else f"{run}-s{self.step}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeIdentity:
@@ -50,10 +61,13 @@ class NodeIdentity:
                 job_id=env["SLURM_JOB_ID"],
                 node=node,
                 node_index=int(env.get("SLURM_NODEID", "0")),
-                attempt=int(env.get("SLURM_RESTART_COUNT", "0")),
+                # A member trains in the run's attempt, whatever its own requeue count.
+                attempt=int(env.get(RUN_ATTEMPT_ENV) or env.get("SLURM_RESTART_COUNT", "0")),
                 address=env.get(LOCAL_NODE_ADDR) or _address_of(node),
                 in_slurm=True,
                 step=int(env.get(STEP_ENV, "0")),
+                run_id=env.get(RUN_ID_ENV) or env["SLURM_JOB_ID"],
+                is_member=bool(env.get(RUN_ID_ENV)),
             )
         node = env.get(LOCAL_NODE_NAME) or socket.gethostname()
         return cls(

@@ -9,8 +9,13 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
         job.yaml                 the resolved config (overrides applied), read by every agent
         submission.json          how and when the job was submitted (mode, Slurm job ids)
         sbatch.sh                the exact batch script that was submitted (Slurm mode)
+        members/<job id>.json    every Slurm job that takes part in the run (the first one,
+                                 ``grow`` jobs, array jobs), one file each, written by whoever
+                                 submitted it; ``members/<stamp>.sbatch`` their scripts
         slurm/                   Slurm's own stdout/stderr of the batch step
         rendezvous/              the shared-filesystem rendezvous root (unless configured elsewhere)
+            current.json         the run's current rendezvous (attempt, step): written by the
+                                 first job's batch step, read by member jobs joining the run
         checkpoints/             where the example (and the templates) keep checkpoints
         nodes/<node>/
             events.jsonl         one writer: that node's agent
@@ -34,17 +39,18 @@ SBATCH_SCRIPT = "sbatch.sh"
 EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
 
-_SAFE_NODE = re.compile(r"^[A-Za-z0-9._-]+$")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def _check_node_name(node: str) -> str:
-    """Node names become directory names: refuse anything that could escape ``nodes/``."""
-    if not _SAFE_NODE.match(node) or node in {".", ".."}:
+def _check_name(name: str, what: str = "node name") -> str:
+    """Node names and job ids become file names: refuse anything that could escape the
+    directory they are meant for."""
+    if not _SAFE_NAME.match(name) or name in {".", ".."}:
         raise ValueError(
-            f"node name {node!r} cannot be used as a directory name; "
+            f"{what} {name!r} cannot be used as a file name; "
             "use letters, digits, '.', '_' or '-'"
         )
-    return node
+    return name
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,17 @@ class JobDir:
         return self.path / "rendezvous"
 
     @property
+    def run_pointer(self) -> Path:
+        return self.rendezvous / "current.json"
+
+    @property
+    def members(self) -> Path:
+        return self.path / "members"
+
+    def member(self, job_id: str) -> Path:
+        return self.members / f"{_check_name(job_id, 'job id')}.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -85,7 +102,7 @@ class JobDir:
         return self.path / "nodes"
 
     def node(self, node: str) -> Path:
-        return self.nodes / _check_node_name(node)
+        return self.nodes / _check_name(node)
 
     def events(self, node: str) -> Path:
         return self.node(node) / EVENTS

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from hpc_elastic.analysis import Job
 from hpc_elastic.analysis.summary import summarize
 from hpc_elastic.jobdir import JobDir, jobdirs_under
 from hpc_elastic.local import AGENTS_FILE
+from hpc_elastic.members import LEAD, read_members
 from hpc_elastic.submit import Submission, read_submission
 
 
@@ -30,6 +31,8 @@ class JobStatus:
     submission: Submission | None
     queue_state: str  # Slurm's state, or RUNNING/ENDED for local jobs, or a plain explanation
     summary: dict[str, Any]
+    #: Every Slurm job of the run (the first one, grow jobs, an array) with its queue state.
+    members: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         s = self.summary
@@ -46,6 +49,7 @@ class JobStatus:
             "restarts": s.get("restarts", 0),
             "attempts": s.get("attempts", 0),
             "last_failure": (roots or failures)[-1] if failures else None,
+            "jobs": self.members,
         }
 
     def render(self) -> str:
@@ -60,6 +64,10 @@ class JobStatus:
             "  last failure " + (f"{last.get('node')} rank {last.get('rank')} exit "
                                  f"{last.get('exitcode')}: {last.get('message')}" if last else "-"),
         ]
+        if len(self.members) > 1 or any(m["kind"] != LEAD for m in self.members):
+            lines.append("  jobs of the run:")
+            lines += [f"    {m['job_id']:<10} {m['kind']:<6} nodes {m['nodes']:<5} {m['state']}"
+                      for m in self.members]
         return "\n".join(lines)
 
 
@@ -98,7 +106,17 @@ def queue_state(submission: Submission | None, jobdir: JobDir) -> str:
 
 def job_status(jobdir: JobDir) -> JobStatus:
     submission = read_submission(jobdir)
-    return JobStatus(jobdir, submission, queue_state(submission, jobdir), summarize(Job(jobdir)))
+    members = [{"job_id": m.job_id, "kind": m.kind, "nodes": m.nodes, "tasks": m.tasks,
+                "state": _member_state(m.job_id, submission, jobdir)}
+               for m in read_members(jobdir)]
+    return JobStatus(jobdir, submission, queue_state(submission, jobdir), summarize(Job(jobdir)),
+                     members)
+
+
+def _member_state(job_id: str, submission: Submission | None, jobdir: JobDir) -> str:
+    if submission is not None and job_id == submission.job_id:
+        return queue_state(submission, jobdir)
+    return queue_state(Submission("slurm", job_id, 0.0, ""), jobdir)
 
 
 def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
@@ -108,14 +126,18 @@ def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
     if submission is None:
         raise ValueError(f"{jobdir.path}: no submission.json, so there is nothing to cancel")
     if submission.mode == "slurm":
-        slurm.cancel(submission.job_id)
+        # The run is one thing: its grow jobs and array tasks go with it.
+        job_ids = list(dict.fromkeys([submission.job_id,
+                                      *(m.job_id for m in read_members(jobdir))]))
+        slurm.cancel(*job_ids)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            state = slurm.queue_state(submission.job_id)
-            if state is None:
-                return f"job {submission.job_id} cancelled"
+            live = [j for j in job_ids if slurm.queue_state(j) is not None]
+            if not live:
+                return f"job {', '.join(job_ids)} cancelled"
             time.sleep(0.5)
-        return f"job {submission.job_id}: scancel sent; still {state} after {wait_s:g} s"
+        return f"job {', '.join(job_ids)}: scancel sent; {', '.join(live)} still in the queue " \
+               f"after {wait_s:g} s"
     pids = local_agent_pids(jobdir)
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
@@ -167,8 +189,9 @@ def quick_outcome(jobdir: JobDir) -> str:
         return "not started"
     if "agent.failed" in last_kinds:
         return "failed"
+    # A grow job that was cancelled mid-run leaves a "shutdown" node in a run that succeeded.
+    if "agent.succeeded" in last_kinds and set(last_kinds) <= {"agent.succeeded", "shutdown"}:
+        return "succeeded"
     if "shutdown" in last_kinds:
         return "cancelled"
-    if all(kind == "agent.succeeded" for kind in last_kinds):
-        return "succeeded"
     return "running or unfinished"

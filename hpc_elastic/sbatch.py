@@ -18,32 +18,57 @@ What the script does, and why:
   step on the survivors too when a node goes DOWN, and the supervisor starts them again there.
 * ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13's shared agent TCP store breaks
   re-rendezvous (see docs/architecture.md); with it off, every round gets a fresh address.
+
+A *member* job (``grow``, or ``submit --array``; docs/elastic-across-jobs.md) runs the same
+agents in another job's run: ``HPC_ELASTIC_RUN_ID`` names that run. It is ``--exclusive`` (so
+two jobs of the run never share a node, whose log directory has one writer) and
+``--no-requeue``: when it ends the run shrinks, and only the lead requeues the run. Its agents
+take the preemption signal as the cue to leave the run before Slurm kills them.
 """
 
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
 from hpc_elastic.config import JobConfig
+from hpc_elastic.identity import RUN_ID_ENV
 from hpc_elastic.jobdir import JobDir
 
 
-def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
+@dataclass(frozen=True)
+class MemberScript:
+    """What makes a member job's script: ``nodes`` nodes (``grow``) joining run ``run_id``, or
+    ``array_tasks`` single-node tasks of an array that is itself the run (``run_id`` None)."""
+
+    nodes: int = 1
+    run_id: str | None = None
+    array_tasks: int | None = None
+
+
+def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
+                  member: MemberScript | None = None) -> str:
     """The full batch script for ``config``, whose agents run ``python -m hpc_elastic agent``."""
     slurm = config.slurm
     extra: dict[str, Any] = {
         "time": slurm.time,
         "signal": f"{config.preemption.signal}@{config.preemption.grace}",
-        "requeue": True,
         # The batch shell's own output; each node's agent writes %j_<node index>_log.out.
         "output": str(jobdir.slurm_logs / "%j_batch.out"),
         "error": str(jobdir.slurm_logs / "%j_batch.err"),
     }
-    if config.elastic:
-        extra["no-kill"] = True
+    if member is None:
+        extra["requeue"] = True
+        if config.elastic:
+            extra["no-kill"] = True
+    else:
+        extra["exclusive"] = True
+        extra["no-requeue"] = True
+        if member.array_tasks is not None:
+            extra["array"] = f"0-{member.array_tasks - 1}"
     for key, value in slurm.sbatch.items():
         extra[key] = True if value == "" else value
 
@@ -51,11 +76,17 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str) -> str:
         "# hpc_elastic: one agent per node; it starts and supervises the workers",
         "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
         f"export HPC_ELASTIC_JOBDIR={shlex.quote(str(jobdir.path))}",
-        *slurm.setup,
     ]
+    if member is not None:
+        run_id = shlex.quote(member.run_id) if member.run_id else "$SLURM_ARRAY_JOB_ID"
+        setup += ["# a member job: its agents join the run's rendezvous",
+                  f"export {RUN_ID_ENV}={run_id}"]
+    setup += slurm.setup
     nodes: int | str = (
         config.min_nodes if not config.elastic else f"{config.min_nodes}-{config.max_nodes}"
     )
+    if member is not None:
+        nodes = member.nodes
     # The batch step runs the supervisor, which runs ``srun ... hpc_elastic agent`` itself and
     # relaunches it on the survivors of a node loss (see hpc_elastic/batch.py).
     command = shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])

@@ -84,8 +84,8 @@ def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
     return queue_state(job_id, env) or accounting_state(job_id, env)
 
 
-def cancel(job_id: str, env: Mapping[str, str] | None = None) -> None:
-    run_slurm(["scancel", job_id], env=env)
+def cancel(*job_ids: str, env: Mapping[str, str] | None = None) -> None:
+    run_slurm(["scancel", *job_ids], env=env)
 
 
 def requeue(job_id: str, env: Mapping[str, str] | None = None) -> None:

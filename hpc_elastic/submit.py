@@ -14,13 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hpc_elastic.config import JobConfig, config_from_dict
 from hpc_elastic.jobdir import JobDir
-from hpc_elastic.sbatch import render_sbatch
+
+if TYPE_CHECKING:  # submitit is imported only where a script is rendered
+    from hpc_elastic.sbatch import MemberScript
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_slurm_job(config: JobConfig, jobdir: JobDir) -> str:
+def prepare_slurm_job(config: JobConfig, jobdir: JobDir, member: MemberScript | None = None
+                      ) -> str:
     """Create the job directory and write the batch script; return the script's text."""
+    from hpc_elastic.sbatch import render_sbatch
+
     create_jobdir(config, jobdir)
-    text = render_sbatch(config, jobdir, python=sys.executable)
+    text = render_sbatch(config, jobdir, python=sys.executable, member=member)
     write_atomic(jobdir.sbatch_script, text)
     return text

@@ -210,6 +210,21 @@ def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, vic
             victim.kill()
 
 
+def test_departed_node_is_not_waited_for_and_the_run_stays_open(tmp_path, shutdown_later):
+    """A node whose job ends (a cancelled grow job) departs: the others re-form without it at
+    once, not after heartbeat_timeout, and the run is not closed for them."""
+    handlers = _handlers(tmp_path, 3, 1, 3, heartbeat_timeout=60)
+    shutdown_later(handlers[:2])
+    _rendezvous_all(handlers)
+    assert handlers[2].depart()
+    assert handlers[0].num_nodes_waiting() >= 1, "the survivors learn their round is over"
+    start = time.monotonic()
+    infos = _rendezvous_all(handlers[:2])
+    assert time.monotonic() - start < 5, "no wait for the departed node's heartbeat to age"
+    assert {i.world_size for i in infos} == {2}
+    assert not handlers[0].is_closed()
+
+
 def test_join_timeout_raises_and_withdraws_the_node(tmp_path):
     (h,) = _handlers(tmp_path, 1, 2, 2, join_timeout=0.5)
     with pytest.raises(RendezvousTimeoutError, match="join_timeout"):

@@ -15,7 +15,7 @@ import pytest
 
 from hpc_elastic.config import load_config
 from hpc_elastic.jobdir import JobDir
-from hpc_elastic.sbatch import render_sbatch
+from hpc_elastic.sbatch import MemberScript, render_sbatch
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted((REPO / "templates").glob("*.yaml"))
@@ -56,3 +56,24 @@ def test_elastic_job_keeps_its_allocation_when_a_node_fails(tmp_path: Path) -> N
         assert "#SBATCH --signal=USR1@120" in text
         assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text
         assert text.rstrip().endswith(f"python -m hpc_elastic batch {jobdir.path}")
+
+
+@pytest.mark.parametrize("kind", ["grow", "array"])
+def test_member_script_matches_golden(kind: str, tmp_path: Path) -> None:
+    """A grow job's and an array start's script: exclusive nodes, never requeued (only the
+    lead requeues the run), and the run id their agents join (the lead's, or the array's)."""
+    shutil.copy(REPO / "templates" / "elastic-preemptible.yaml", tmp_path / "job.yaml")
+    (tmp_path / "train.py").write_text("")
+    config = load_config(tmp_path / "job.yaml")
+    member = (MemberScript(nodes=2, run_id="4242") if kind == "grow"
+              else MemberScript(array_tasks=3))
+    text = render_sbatch(config, JobDir(Path("/shared/jobs/run")), "/opt/venv/bin/python",
+                         member=member)
+    golden = GOLDEN / f"member-{kind}.sbatch"
+    if os.environ.get("HPC_ELASTIC_UPDATE_GOLDEN") == "1":
+        golden.write_text(text)
+    assert text == golden.read_text()
+    for absent in ("--requeue\n", "--no-kill"):
+        assert absent not in text
+    assert "#SBATCH --exclusive" in text and "#SBATCH --no-requeue" in text
+    assert "#SBATCH --signal=USR1@120" in text  # the run's signal: the cue to leave the run

@@ -173,17 +173,23 @@ def run_agent(target: str | Path) -> int:
         record=events.record,
         worker_pids=lambda: worker_pids(agent),
     )
+    # A member job (grow, array task) does not own the run: its end shrinks the run, and only
+    # the lead requeues it (hpc_elastic/members.py).
+    handles_preemption = config.preemption.requeue and not ident.is_member
     agent = ObservedAgent(
         spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
         log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
-        preemption=preemption if config.preemption.requeue else None,
+        preemption=preemption if handles_preemption else None,
     )
-    if config.preemption.requeue:
+    if handles_preemption:
         preemption.install()
+    elif ident.is_member:
+        _leave_on_signal(preemption.signum)
 
     events.record("agent.start", pid=os.getpid(), address=ident.address,
-                     nodes=config.nodes, nproc_per_node=config.nproc_per_node,
-                     step=ident.step)
+                  nodes=config.nodes, nproc_per_node=config.nproc_per_node,
+                  step=ident.step, run_id=ident.run_id or ident.job_id,
+                  member=ident.is_member)
     started = time.monotonic()
     try:
         result = agent.run(ROLE)
@@ -192,6 +198,9 @@ def run_agent(target: str | Path) -> int:
             # After ``scontrol requeue`` Slurm ends the step with SIGTERM: part of the
             # preemption, not a failure (and the rendezvous of this attempt is left as is).
             return _preempted(preemption, events, telemetry, ident, ended_by=err.sigval.name)
+        # Stopped from outside (scancel, the end of a grow job): leave the run without closing
+        # it, so the other nodes -- of other jobs, too -- re-form at once and go on.
+        handler.depart()
         events.record("shutdown", signal=err.sigval.name)
         telemetry.close()
         return 128 + int(err.sigval)
@@ -210,6 +219,16 @@ def run_agent(target: str | Path) -> int:
          "message": failure_message(f.message)} for rank, f in result.failures.items()])
     telemetry.close()
     return EXIT_FAILED
+
+
+def _leave_on_signal(signum: int) -> None:
+    """A member job's agent takes the preemption signal (its own time limit or preemption is
+    near) like SIGTERM: it stops its workers and leaves the run, which goes on without it."""
+    def leave(received: int, _frame: object) -> None:
+        raise SignalException(f"Process {os.getpid()} got signal: {received}",
+                              sigval=signal.Signals(received))
+
+    signal.signal(signum, leave)
 
 
 def worker_pids(agent: LocalElasticAgent) -> list[int]:

@@ -347,6 +347,31 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             logger.warning("shutdown of rendezvous %s failed: %s", self._settings.run_id, exc)
             return False
 
+    def depart(self) -> bool:
+        """Leave the run for good without closing it (this node's job was cancelled or ended).
+
+        The others then need not wait ``heartbeat_timeout`` to notice: this node is recorded as
+        gone at once, exactly as if its heartbeat had stopped, and the next round forms without
+        it. Best effort -- a node that cannot write is found dead by its heartbeat anyway."""
+        if self._shut:
+            return True
+        self._shut = True
+        self._stop_heartbeats()
+        s = self._settings
+
+        def change(st: State) -> bool:
+            return bool(protocol.declare_dead(st, [self._node], s.min_nodes, s.max_nodes))
+
+        try:
+            state = self._state_file.transact(change, timeout=s.close_timeout)
+        except Exception as exc:
+            logger.warning("could not record the departure from rendezvous %s: %s",
+                           s.run_id, exc)
+            return False
+        self._events.emit("departed", "left the run (not closing it)", round=state.round,
+                          dead_node=self._node)
+        return True
+
     # -------------------------------------------------------------------------------- heartbeats
     def _start_heartbeats(self) -> None:
         if self._hb_thread is not None:
