@@ -70,9 +70,11 @@ def test_summary_json_on_real_job(demo_job: Path, capsys: pytest.CaptureFixture[
     assert len(roots) == 1
     assert INJECTED.match(roots[0]["message"]), roots[0]
     assert roots[0]["node"] == failing_node(demo_job)
-    # Usually exit 1; when the agent's SIGTERM reaches the raising rank before it exits, -15.
-    # Either way its error.json names the exception, which is what makes it the root.
-    assert roots[0]["rank"] == 1 and roots[0]["exitcode"] in (1, -15)
+    # Usually exit 1; when the agent's SIGTERM reaches the raising rank before it exits, -15;
+    # -6 when tearing down its process group aborts it. Either way its error.json names the
+    # exception, which is what makes it the root.
+    assert roots[0]["rank"] == 1 and roots[0]["exitcode"] in (1, -6, -15)
+    assert s["root_cause"]["kind"] == "worker_failed" and s["node_losses"] == []
     assert s["failures_count"] == len(s["failures"]) >= 1
     split = s["time_split_s"]
     assert split["queued"] > 0 and split["rendezvous"] > 0 and split["training"] > 0
@@ -87,7 +89,7 @@ def test_summary_text(demo_job: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert rc == 0
     assert "SUCCEEDED" in out and "worker-group restarts 1" in out
     node = failing_node(demo_job)
-    assert re.search(rf"{node} rank 1 exit (1|-15): RuntimeError: injected failure", out)
+    assert re.search(rf"{node} rank 1 exit (1|-6|-15): RuntimeError: injected failure", out)
 
 
 @pytest.mark.slow
@@ -266,3 +268,222 @@ def test_requeued_job_two_attempts(small_job: JobDir, capsys: pytest.CaptureFixt
     assert [(r["attempt"], r["round"]) for r in s["rendezvous_rounds"]] == [(0, 0), (1, 0)]
     assert len(s["preemptions"]) == 2
     assert s["time_split_s"]["queued"] == pytest.approx(1 + 95, abs=0.01)  # submit + requeue wait
+
+
+# ---- root causes: node loss vs worker exception (lines shaped like a real local run's) --------
+
+GLOO = ("RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] "
+        "Connection closed by peer [127.0.0.1]:398. This is typically caused by a remote worker "
+        "crashing. Check the logs of the remote worker before reporting an error. GLHF! \U0001f3d6")
+PIDS = {"n1": 26568, "n2": 26569, "n3": 26570}
+RDZV_IDS = {n: f"vm-{pid}-3a7a8{i}" for i, (n, pid) in enumerate(PIDS.items())}
+
+
+def rdzv(node: str, t: float, what: str, **fields: Any) -> dict[str, Any]:
+    """A sharedfs rendezvous line: its own node id ends up in ``x_node``."""
+    return {"time": T0 + t, "source": "rendezvous", "kind": f"rendezvous.{what}",
+            "torch_name": f"sharedfs.rendezvous.{what}", "run_id": "7", "x_node": RDZV_IDS[node],
+            "hostname": "vm", "pid": PIDS[node], **fields}
+
+
+def joined(node: str, t: float, rnd: int, group_rank: int, world: int, restart: int = 0
+           ) -> list[dict[str, Any]]:
+    """Join round ``rnd`` and start the node's 2 workers (ranks 2*group_rank, +1)."""
+    ev = [rdzv(node, t, "started", leaving_round=rnd - 1 if rnd else None,
+               message=f"joining (leaving round {rnd - 1 if rnd else None})"),
+          rdzv(node, t + 0.1, "completed", round=rnd, rank=group_rank, world_size=world,
+               master_addr="127.0.0.1", master_port=51461, duration_ms=100.0,
+               message=f"round {rnd}: rank {group_rank} of {world}"),
+          {"time": T0 + t + 0.1, "source": "agent", "kind": "agent.rendezvous",
+           "restart_count": restart, "duration_ms": 100.0, "rdzv_backend": "sharedfs"}]
+    if restart:
+        ev.append({"time": T0 + t + 0.2, "source": "agent", "kind": "workers.restart",
+                   "restart_count": restart, "reason": "failure", "role": "trainer",
+                   "group_rank": group_rank, "group_world_size": world, "run_id": "7"})
+    ev.append({"time": T0 + t + 0.2, "source": "agent", "kind": "workers.started",
+               "restart_count": restart, "role": "trainer", "group_rank": group_rank,
+               "group_world_size": world, "run_id": "7"})
+    ev += [{"time": T0 + t + 0.2, "source": "worker", "kind": "worker.started",
+            "torch_name": "torchelastic.worker.status.START", "run_id": "7",
+            "rank": 2 * group_rank + i, "local_rank": i, "group_rank": group_rank,
+            "worker_id": str(PIDS[node] + 10 + i), "restart_count": restart} for i in (0, 1)]
+    return ev
+
+
+def failed(node: str, t: float, local_rank: int, group_rank: int, message: str,
+           error_time: float, exitcode: int = 1, restart: int = 0) -> dict[str, Any]:
+    """The agent's ``worker.failed`` line (error_time: whole seconds, from the error file)."""
+    rank = 2 * group_rank + local_rank
+    return {"time": T0 + t, "source": "agent", "kind": "worker.failed", "rank": rank,
+            "local_rank": local_rank, "exitcode": exitcode, "pid": PIDS[node] + 10 + local_rank,
+            "restart_count": restart, "message": message,
+            "error_file": f"/x/nodes/{node}/workers/attempt-0/restart-{restart}/rank-{rank}/"
+                          "error.json",
+            "error_time": int(T0 + error_time), "signal": "SIGTERM" if exitcode == -15 else None}
+
+
+def start(node: str, t: float) -> dict[str, Any]:
+    return {"time": T0 + t, "source": "agent", "kind": "agent.start", "pid": PIDS[node],
+            "address": "127.0.0.1", "nodes": "2:3", "nproc_per_node": 2, "step": 0}
+
+
+def end(node: str, t: float, rnd: int) -> list[dict[str, Any]]:
+    return [rdzv(node, t, "closed", round=rnd, message="closed the rendezvous"),
+            {"time": T0 + t, "source": "agent", "kind": "agent.succeeded", "elapsed_s": t}]
+
+
+def leave_round(node: str, t: float, group_rank: int, rnd: int = 0, restart: int = 0,
+                first: str = GLOO) -> list[dict[str, Any]]:
+    """Both of a survivor's workers fail (the first with ``first``), then it rejoins."""
+    return [failed(node, t, 0, group_rank, first, t - 1, restart=restart),
+            failed(node, t, 1, group_rank, GLOO, t, exitcode=-15, restart=restart),
+            rdzv(node, t, "started", leaving_round=rnd, message=f"joining (leaving round {rnd})")]
+
+
+def declare_dead(node: str, t: float, dead: str, rnd: int, silent_s: float = 2.002
+                 ) -> dict[str, Any]:
+    return rdzv(node, t, "node_dead", round=rnd, dead_node=RDZV_IDS[dead], silent_s=silent_s,
+                message=f"declared {RDZV_IDS[dead]} dead: heartbeat counter unchanged for "
+                        f"{silent_s:.1f} s (by this node's clock)")
+
+
+def survivors_reform(heartbeat: bool, t: float, rnd: int, dead: str = "n2",
+                     first: str = GLOO) -> dict[str, list[dict[str, Any]]]:
+    """n1 and n3 lose their gloo peer at ``t``, re-form as 2 and finish; ``dead`` logs nothing."""
+    n1 = leave_round("n1", t, 0, rnd - 1, restart=rnd - 1, first=first)
+    n3 = leave_round("n3", t + 0.06, 2, rnd - 1, restart=rnd - 1)
+    if heartbeat:
+        n1.append(declare_dead("n1", t + 0.9, dead, rnd))
+    n1 += joined("n1", t + 0.9, rnd, 0, 2, restart=rnd) + end("n1", t + 8, rnd)
+    n3 += joined("n3", t + 0.9, rnd, 1, 2, restart=rnd) + end("n3", t + 8, rnd)
+    return {"n1": n1, "n3": n3}
+
+
+def write_job(jd: JobDir, events: dict[str, list[dict[str, Any]]]) -> None:
+    jd.config.write_text("name: t\nnodes: 2:3\n")
+    for node, ev in events.items():
+        write_events(jd, node, ev)
+
+
+def summary_of(jd: JobDir, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    rc, out = run_cmd(capsys, "summary", jd.path, as_json=True)
+    assert rc == 0
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("heartbeat", [True, False], ids=["node_dead", "left_rendezvous_only"])
+def test_node_loss_is_the_root_and_survivors_errors_secondary(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str], heartbeat: bool) -> None:
+    """n2 (ranks 2, 3) vanishes at ~9.5 s; n1 and n3's ranks fail with gloo errors at 10.6 s.
+    Without node_dead (a round formed by last_call first, as on Slurm) the round that formed
+    without n2 is the evidence. n1's first failure has no cascade marker and an error_time just
+    before the last seen heartbeat: within the slack, it is still the loss's consequence."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    for node, more in survivors_reform(heartbeat, 10.6, 1,
+                                       first="RuntimeError: unhandled system error").items():
+        ev[node] += more
+    write_job(small_job, ev)
+    s = summary_of(small_job, capsys)
+    assert s["status"] == "succeeded" and s["failures_count"] == 4
+    root = s["root_cause"]
+    assert root["kind"] == "node_lost" and root["node"] == "n2" and root["round"] == 0
+    assert root["message"].startswith("node n2 lost: ")
+    assert "stopped without a shutdown event" in root["message"]
+    assert s["root_causes"] == [root]
+    (loss,) = s["node_losses"]
+    assert loss["root"] and loss["last_kind"] == "worker.started"
+    if heartbeat:
+        assert loss["heartbeat_lost_at"] == pytest.approx(T0 + 11.5 - 2.002)
+        assert loss["declared_dead_by"] == "n1" and "no heartbeat since" in root["message"]
+    else:
+        assert loss["heartbeat_lost_at"] is None and loss["evidence"][0] == "left_rendezvous"
+        assert "round 1 formed without it" in root["message"]
+    assert not any(f["root"] for f in s["failures"])
+    assert all(f["secondary_to"] == {"kind": "node_lost", "node": "n2", "rank": None}
+               for f in s["failures"])
+    assert {h["node"]: h["ended"] for h in s["node_health"]}["n2"] == "vanished"
+    rc, text = run_cmd(capsys, "summary", small_job.path)
+    assert re.search(r"root causes:\n  \S+ node n2 lost: .*\[4 failure\(s\) follow from it\]",
+                     text)
+    rc, text = run_cmd(capsys, "failures", small_job.path)
+    assert text.startswith("4 failure(s), 1 node(s) lost, 1 root cause(s)")
+    assert re.search(r"ROOT \S+  node n2  attempt 0 round 0  LOST", text)
+    assert text.count("secondary to: node n2 lost") == 4
+
+
+def injected_failure_run(ended: bool) -> dict[str, list[dict[str, Any]]]:
+    """The demo: rank 1 (n1) raises, rank 0 and n3's ranks see gloo errors, all restart. As in a
+    real run, the raising rank died of SIGABRT on its way out (-6) and its line comes second,
+    with the same error_time as its gloo-failed neighbour."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 2) for n, g in (("n1", 0), ("n3", 1))}
+    ev["n1"] += [failed("n1", 7.6, 0, 0, GLOO, 5, exitcode=-15),
+                 failed("n1", 7.6001, 1, 0, "RuntimeError: injected failure at global step 25 on "
+                        "rank 1", 5, exitcode=-6),
+                 rdzv("n1", 7.6, "started", leaving_round=0, message="joining (leaving round 0)")]
+    ev["n3"] += leave_round("n3", 7.7, 1)
+    for node, g in (("n1", 0), ("n3", 1)):
+        ev[node] += joined(node, 8, 1, g, 2, restart=1) + (end(node, 20, 1) if ended else [])
+    return ev
+
+
+@pytest.mark.parametrize("ended", [True, False], ids=["finished", "still_running"])
+def test_worker_exception_without_node_loss_is_the_root(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str], ended: bool) -> None:
+    """Silence is not a loss: while the job runs, no node has an end event, and none is lost."""
+    write_job(small_job, injected_failure_run(ended))
+    s = summary_of(small_job, capsys)
+    assert s["status"] == ("succeeded" if ended else "running")
+    assert s["node_losses"] == []
+    root = s["root_cause"]
+    assert root["kind"] == "worker_failed" and (root["node"], root["rank"]) == ("n1", 1)
+    assert root["message"] == "RuntimeError: injected failure at global step 25 on rank 1"
+    assert [f["rank"] for f in s["failures"] if f["root"]] == [1]
+    assert all(f["secondary_to"] == {"kind": "worker_failed", "node": "n1", "rank": 1}
+               for f in s["failures"] if not f["root"])
+
+
+@pytest.mark.parametrize("later_round", [False, True], ids=["same_round", "next_round"])
+def test_worker_exception_before_a_node_loss_stays_the_root(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str], later_round: bool) -> None:
+    """n3's rank 5 raises at 5 s. Same round: n2 logs its own gloo failures (so it was alive
+    after the exception), then vanishes. Next round: all restart, and n2 is lost 10 s later."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    ev["n3"] += [failed("n3", 5.6, 1, 2, "ValueError: loss is NaN", 5),
+                 failed("n3", 5.6, 0, 2, GLOO, 5, exitcode=-15),
+                 rdzv("n3", 5.6, "started", leaving_round=0, message="joining (leaving round 0)")]
+    ev["n2"] += leave_round("n2", 5.65, 1)
+    ev["n1"] += leave_round("n1", 5.7, 0)
+    if later_round:
+        for node, g in (("n1", 0), ("n2", 1), ("n3", 2)):
+            ev[node] += joined(node, 6.5, 1, g, 3, restart=1)
+        reform = survivors_reform(True, 16.6, 2)
+    else:
+        reform = survivors_reform(True, 8.0, 1)
+        reform = {n: e[3:] for n, e in reform.items()}  # they already left round 0 above
+    for node, more in reform.items():
+        ev[node] += more
+    write_job(small_job, ev)
+    s = summary_of(small_job, capsys)
+    root = s["root_cause"]
+    assert root["kind"] == "worker_failed" and root["message"] == "ValueError: loss is NaN"
+    assert (root["node"], root["rank"], root["round"]) == ("n3", 5, 0)
+    (loss,) = s["node_losses"]
+    assert loss["node"] == "n2" and loss["round"] == (1 if later_round else 0)
+    if later_round:  # its own cascade: the loss is that one's root, after the exception
+        assert [c["kind"] for c in s["root_causes"]] == ["worker_failed", "node_lost"]
+        assert loss["root"]
+    else:
+        assert s["root_causes"] == [root] and not loss["root"]
+
+
+def test_node_lost_while_the_job_still_runs(small_job: JobDir,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Declared dead by a survivor: lost even before anyone ended, so not ``running?``."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    for node, more in survivors_reform(True, 10.6, 1).items():
+        ev[node] += [e for e in more if e["kind"] not in ("rendezvous.closed", "agent.succeeded")]
+    write_job(small_job, ev)
+    s = summary_of(small_job, capsys)
+    assert s["status"] == "running" and s["root_cause"]["node"] == "n2"
+    assert {h["node"]: h["ended"] for h in s["node_health"]} == {
+        "n1": "running?", "n2": "vanished", "n3": "running?"}

@@ -1,5 +1,6 @@
 """Node loss in local mode: the rank-0 node's agent and workers are SIGKILLed mid-run; the
-survivors re-form as 2 nodes and finish, and ``logs summary`` tells exactly that."""
+survivors re-form as 2 nodes and finish, and ``logs summary`` tells exactly that: the killed node
+is the root cause, the survivors' gloo errors follow from it."""
 
 from __future__ import annotations
 
@@ -77,3 +78,19 @@ def test_rank0_node_killed_survivors_finish_and_summary_says_so(tmp_path: Path) 
     health = {h["node"]: h["ended"] for h in summary["node_health"]}
     assert health[victim] == "vanished"
     assert all(health[n] == "ok" for n in survivors)
+
+    # The root cause is the killed node, not a survivor's "Connection closed by peer".
+    root = summary["root_cause"]
+    assert root["kind"] == "node_lost" and root["node"] == victim, summary["root_causes"]
+    assert root["message"].startswith(f"node {victim} lost: "), root
+    (loss,) = summary["node_losses"]
+    if loss["heartbeat_lost_at"] is not None:  # a survivor declared it dead (heartbeat_timeout 2)
+        assert abs(loss["heartbeat_lost_at"] - killed_at) < 2.0, (loss, killed_at)
+    assert summary["failures"] and not any(f["root"] for f in summary["failures"])
+    assert {f["node"] for f in summary["failures"]} <= set(survivors)
+    assert all(f["secondary_to"] == {"kind": "node_lost", "node": victim, "rank": None}
+               for f in summary["failures"]), summary["failures"]
+    text = subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "logs", "summary", str(jobdir.path)],
+        capture_output=True, text=True, timeout=60).stdout
+    assert f"node {victim} lost: " in text.split("root causes:")[1].split("node health:")[0]

@@ -1,5 +1,8 @@
 """``logs failures``: each worker failure, its root-cause line, and the failing rank's stderr.
 
+Nodes lost mid-run are listed with the failures: a loss is often the root of its cascade, and
+the survivors' connection errors after it are then marked secondary to it (see ``model``).
+
 The stderr file is found next to the ``error_file`` the agent recorded (both live in the rank's
 directory), else through :meth:`JobDir.worker_logs` from attempt, restart count and rank. Only
 the last N lines are kept (a deque), so a huge stderr is streamed, not loaded.
@@ -13,7 +16,7 @@ from typing import Any
 
 from .fmt import footer, iso
 from .loader import Job
-from .model import build
+from .model import build, cause_key
 
 
 def stderr_path(job: Job, f: dict[str, Any]) -> Path | None:
@@ -55,7 +58,7 @@ def tail(path: Path, n: int) -> list[str]:
 
 
 def collect(job: Job, lines: int = 10) -> dict[str, Any]:
-    """Failures (root first within each cascade) with stderr tails, JSON-ready."""
+    """Failures with stderr tails, node losses and the root causes, JSON-ready."""
     m = build(job)
     out = []
     for f in m.failures:
@@ -66,26 +69,48 @@ def collect(job: Job, lines: int = 10) -> dict[str, Any]:
         if p is None:
             job.note(f"no stderr.log found for {f.get('node')} rank {f.get('rank')}")
         out.append(item)
-    return {"job_id": m.job_id, "failures": out, "notes": job.notes}
+    return {"job_id": m.job_id, "failures": out, "node_losses": m.losses,
+            "root_causes": m.root_causes, "notes": job.notes}
+
+
+def _header(data: dict[str, Any]) -> str:
+    fs, losses = data["failures"], data.get("node_losses") or []
+    if not fs and not losses:
+        return "no worker failures recorded"
+    lost = f", {len(losses)} node(s) lost" if losses else ""
+    return f"{len(fs)} failure(s){lost}, {len(data.get('root_causes') or [])} root cause(s)"
+
+
+def _loss_block(c: dict[str, Any]) -> list[str]:
+    mark = "ROOT " if c["root"] else "     "
+    return [f"{mark}{iso(c['time'])}  node {c['node']}  attempt {c['attempt']} round "
+            f"{c['round']}  LOST", f"     cause: {c['message']}"]
+
+
+def _failure_block(f: dict[str, Any]) -> list[str]:
+    mark = "ROOT " if f["root"] else "     "
+    out = [f"{mark}{iso(f['time'])}  node {f['node']}  attempt {f['attempt']} round "
+           f"{f['round']}  rank {f['rank']}  exit {f['exitcode']}"
+           + (f" ({f['signal']})" if f.get("signal") else "")]
+    out.append(f"     cause: {f['message'] or '(no message)'}")
+    sec = f.get("secondary_to")
+    if sec:
+        what = (f"node {sec['node']} lost" if sec["kind"] == "node_lost"
+                else f"{sec['node']} rank {sec['rank']}")
+        out.append(f"     secondary to: {what}")
+    if f["stderr_path"]:
+        out.append(f"     stderr ({f['stderr_path']}), last {len(f['stderr_tail'])} lines:")
+        out.extend(f"       | {line}" for line in f["stderr_tail"])
+    return out
 
 
 def render(data: dict[str, Any]) -> str:
-    """Failures as text: one block each, the cascade's root marked."""
-    fs = data["failures"]
-    if not fs:
-        out = ["no worker failures recorded"]
-    else:
-        out = [f"{len(fs)} failure(s), {sum(1 for f in fs if f['root'])} root cause(s)"]
-    for f in fs:
-        mark = "ROOT " if f["root"] else "     "
+    """Failures and node losses as text in time order, one block each, the roots marked."""
+    out = [_header(data)]
+    items = sorted([*(data.get("node_losses") or []), *data["failures"]], key=cause_key)
+    for c in items:
         out.append("")
-        out.append(f"{mark}{iso(f['time'])}  node {f['node']}  attempt {f['attempt']} round "
-                   f"{f['round']}  rank {f['rank']}  exit {f['exitcode']}"
-                   + (f" ({f['signal']})" if f.get("signal") else ""))
-        out.append(f"     cause: {f['message'] or '(no message)'}")
-        if f["stderr_path"]:
-            out.append(f"     stderr ({f['stderr_path']}), last {len(f['stderr_tail'])} lines:")
-            out.extend(f"       | {line}" for line in f["stderr_tail"])
+        out.extend(_loss_block(c) if c["kind"] == "node_lost" else _failure_block(c))
     foot = footer(data["notes"])
     if foot:
         out.append(foot)

@@ -8,10 +8,19 @@ its participants) are then min/max/union over nodes, which is order independent.
 Rounds are keyed ``(attempt, step, round)``: every Slurm attempt, and every relaunch of the agents'
 srun step within an attempt after a node loss (``step`` on ``agent.start``), has its own
 rendezvous that numbers its rounds from 0 again.
+
+Root causes are chosen among *causes* of both sorts the events show: a worker failure that is not
+a consequence of another (see :func:`is_cascade`), and a node lost mid-run (its agent stopped
+without an end event while the others went on without it, :func:`_node_losses`). Each cascade
+(attempt, step, round) gets one root: the earliest cause (:func:`cause_key`), so a vanished node
+is the root of the connection errors it leaves behind on the survivors, and an exception raised
+before a node loss stays the root.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +28,24 @@ from .loader import Job
 
 TERMINAL = {"agent.succeeded": "ok", "agent.failed": "failed", "agent.preempted": "preempted",
             "shutdown": "shutdown"}
+# Events after which a node that falls silent left on purpose, not lost: its agent's end events,
+# and the rendezvous' own clean exits (it closed the run, or departed from it when stopped).
+_CLEAN_END = frozenset(TERMINAL) | {"rendezvous.closed", "rendezvous.departed"}
+
+# A node's heartbeat counter is read every heartbeat_interval (2 s by default), so the "last
+# heartbeat seen" of a node_dead event can trail the node's real stop by that much; error_time is
+# whole seconds, and nodes' clocks differ a little. Ordering causes, a lost node is therefore
+# taken to have stopped up to this long before its last seen heartbeat (never before its own last
+# event, which proves it was alive then).
+HEARTBEAT_SLACK_S = 2.0
 
 # Messages of ranks that died *because* another rank died: the collective's peer vanished, or the
 # agent stopped them. They are never preferred as the root of a cascade.
 _CASCADE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator",
                     "ProcessGroupNCCL", "Socket Timeout", "SIGTERM", "Signal 15",
                     "remote worker crashing", "Broken pipe")
+# torch's message for a rank that left no error file: it did not raise (in Python) at all.
+_NO_ERROR_FILE = re.compile(r"Signal \d+ \(\w+\) received by PID|To enable traceback see")
 
 
 @dataclass
@@ -70,6 +91,36 @@ class NodeHealth:
 
 
 @dataclass
+class NodeRun:
+    """One node's agent in one (attempt, step): what tells a vanished node from a finished one."""
+
+    node: str
+    attempt: int
+    step: int
+    last: float
+    last_kind: str
+    round: int | None = None  # the last rendezvous round it completed
+    ended: bool = False  # it logged a clean end (_CLEAN_END)
+
+
+@dataclass
+class NodeDeath:
+    """A ``rendezvous.node_dead`` line: ``by`` declared the rendezvous node id ``dead_id`` dead."""
+
+    time: float
+    dead_id: str
+    silent_s: float | None
+    by: str
+
+    @classmethod
+    def of(cls, rec: dict[str, Any], node: str) -> NodeDeath:
+        """From the line; ``silent_s`` is absent when the death was found during a join."""
+        silent = rec.get("silent_s")
+        ok = isinstance(silent, (int, float)) and not isinstance(silent, bool)
+        return cls(rec["time"], rec["dead_node"], float(silent) if ok else None, node)
+
+
+@dataclass
 class JobModel:
     """Everything :func:`build` learned; commands format subsets of it."""
 
@@ -87,14 +138,23 @@ class JobModel:
     preemptions: list[dict[str, Any]]
     requeues: int
     events: int
+    losses: list[dict[str, Any]] = field(default_factory=list)  # nodes lost mid-run
+    root_causes: list[dict[str, Any]] = field(default_factory=list)  # roots, earliest first
 
 
 def is_cascade(message: str | None, exitcode: Any) -> bool:
-    """A failure that was caused by another one (peer vanished, SIGTERM from the agent)."""
-    if isinstance(exitcode, int) and exitcode < 0:
-        return True
+    """A failure that was caused by another one (peer vanished, SIGTERM from the agent).
+
+    The rank's own exception (its error file's message) decides when there is one: a rank that
+    raised and was then killed on its way out (the agent's SIGTERM, a SIGABRT from tearing down
+    its process group) raised first. Only a rank without one counts as a consequence because a
+    signal ended it.
+    """
     text = message or ""
-    return any(m in text for m in _CASCADE_MARKERS)
+    if any(m in text for m in _CASCADE_MARKERS):
+        return True
+    raised = bool(text) and _NO_ERROR_FILE.match(text) is None
+    return not raised and isinstance(exitcode, int) and exitcode < 0
 
 
 def _int(value: Any) -> int | None:
@@ -122,7 +182,8 @@ def _failure(rec: dict[str, Any], key: tuple[int, int, int] | None,
            "restart_count": rec.get("restart_count"), "rank": rec.get("rank"),
            "local_rank": rec.get("local_rank"), "exitcode": exitcode, "pid": rec.get("pid"),
            "signal": rec.get("signal"), "message": message,
-           "error_file": rec.get("error_file"), "root": False}
+           "error_file": rec.get("error_file"), "kind": "worker_failed", "root": False,
+           "secondary_to": None}
     out.update(extra)
     return out
 
@@ -146,6 +207,9 @@ def build(job: Job) -> JobModel:
     last_event: float | None = None
     n_events = 0
     seen_failures: set[tuple[Any, ...]] = set()
+    runs: dict[tuple[str, int, int], NodeRun] = {}
+    rdzv_ids: dict[str, tuple[str, int, int]] = {}  # rendezvous node id -> its run's key
+    deaths: list[NodeDeath] = []
 
     def get_round(key: tuple[int, int, int]) -> Round:
         r = rounds.get(key)
@@ -184,11 +248,21 @@ def build(job: Job) -> JobModel:
                 last_event = t
             if job_id is None and isinstance(rec.get("job_id"), str):
                 job_id = rec["job_id"]
+            if kind in ("agent.start", "agent.started"):
+                step_of[attempt] = _int(rec.get("step")) or 0
+            rkey = (node, attempt, step_of.get(attempt, 0))
+            run = runs.get(rkey)
+            if run is None:
+                run = runs[rkey] = NodeRun(node, attempt, rkey[2], t, kind)
+            elif t >= run.last:
+                run.last, run.last_kind = t, kind
+            rdzv_id = rec.get("x_node")  # the rendezvous' own node id (see rendezvous.node_dead)
+            if isinstance(rdzv_id, str):
+                rdzv_ids[rdzv_id] = rkey
 
             if kind in ("agent.start", "agent.started"):
                 if first_start is None or t < first_start:
                     first_start = t
-                step_of[attempt] = _int(rec.get("step")) or 0
             elif kind in ("rendezvous.started", "rendezvous.join"):
                 pending_join.setdefault(attempt, t)
             elif kind in ("rendezvous.completed", "rendezvous.complete"):
@@ -210,6 +284,7 @@ def build(job: Job) -> JobModel:
                     r.world_size = ws
                 current[attempt] = key
                 fallback_round[attempt] = rnd + 1
+                run.round = rnd
             elif kind == "agent.rendezvous" and attempt in pending_join:
                 # A backend without round events (plain c10d with torch's events suppressed):
                 # number the node's rounds itself; duration_ms gives the join time.
@@ -222,6 +297,7 @@ def build(job: Job) -> JobModel:
                 r.end = t if r.end is None else max(r.end, t)
                 r.participants.add(node)
                 current[attempt] = key
+                run.round = rnd
             elif kind == "workers.started":
                 key = current.get(attempt)
                 if key is not None:
@@ -277,7 +353,11 @@ def build(job: Job) -> JobModel:
                                     "signal": rec.get("signal")})
             elif kind == "requeue":
                 requeues += 1
+            elif kind == "rendezvous.node_dead" and isinstance(rec.get("dead_node"), str):
+                deaths.append(NodeDeath.of(rec, node))
 
+            if kind in _CLEAN_END:
+                run.ended = True
             ended = TERMINAL.get(kind)
             if ended is not None:
                 h.ended = ended
@@ -285,18 +365,18 @@ def build(job: Job) -> JobModel:
             elif kind in ("agent.start", "agent.started"):
                 h.ended = "vanished"  # a new attempt starts over
 
-    _mark_roots(failures)
+    losses = _node_losses(runs, rounds, rdzv_ids, deaths)
+    _mark_roots(failures, losses)
     failures.sort(key=lambda f: (*_failure_order(f), f["node"] or "", f["rank"] or 0))
-    for f in failures:  # the root's error_time: when useful work really stopped
-        if f["root"] and isinstance(f["error_time"], (int, float)) and f["round"] is not None:
-            r = rounds.get((f["attempt"], f["step"], f["round"]))
-            if r is not None and r.end is not None and r.end <= f["error_time"] < f["time"]:
-                r.first_failure = float(f["error_time"])
+    losses.sort(key=cause_key)
+    roots = sorted((c for c in [*losses, *failures] if c["root"]), key=cause_key)
+    _mark_stops(rounds, roots, failures)
     return JobModel(job_id=job_id if isinstance(job_id, str) else None,
                     submitted_at=submitted_at, nodes=nodes, rounds=rounds, health=health,
                     failures=failures, first_start=first_start, last_event=last_event,
                     attempts=attempts, attempt_spans=spans, terminal=terminal,
-                    preemptions=preemptions, requeues=requeues, events=n_events)
+                    preemptions=preemptions, requeues=requeues, events=n_events,
+                    losses=losses, root_causes=[root_cause(c) for c in roots])
 
 
 def _failure_order(f: dict[str, Any]) -> tuple[float, float]:
@@ -305,16 +385,168 @@ def _failure_order(f: dict[str, Any]) -> tuple[float, float]:
     return (float(et) if isinstance(et, (int, float)) else f["time"], f["time"])
 
 
-def _mark_roots(failures: list[dict[str, Any]]) -> None:
-    """Mark the first failure of each cascade (one cascade per attempt and round) as ``root``.
+def cause_key(c: dict[str, Any]) -> tuple[float, int, float]:
+    """The earliest moment a cause (a failure or a node loss) may have begun, for ordering.
 
-    Prefer a failure whose message is not a consequence of another (gloo peer closed, SIGTERM);
-    among those the earliest. Only if every failure looks like a consequence take the earliest.
+    A failure: when its rank raised (``error_time``), else when its agent saw it. A lost node: its
+    last seen heartbeat less :data:`HEARTBEAT_SLACK_S`, but never before its own last event. On a
+    tie the failure comes first: a failure its own node recorded happened before that node fell
+    silent, so the node's loss cannot have caused it.
     """
-    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
-    for f in failures:
-        groups.setdefault((f["attempt"], f["step"], f["round"]), []).append(f)
+    if c["kind"] != "node_lost":
+        return (_failure_order(c)[0], 0, c["time"])
+    t = c["last_event"]
+    hb = c.get("heartbeat_lost_at")
+    if isinstance(hb, (int, float)):
+        t = max(t, hb - HEARTBEAT_SLACK_S)
+    return (t, 1, c["time"])
+
+
+def _node_losses(runs: dict[tuple[str, int, int], NodeRun],
+                 rounds: dict[tuple[int, int, int], Round],
+                 rdzv_ids: dict[str, tuple[str, int, int]],
+                 deaths: list[NodeDeath]) -> list[dict[str, Any]]:
+    """Nodes lost mid-run: an agent that fell silent without a clean end while the job went on.
+
+    Silence alone proves nothing (agents log nothing while training goes well, and a job may still
+    run), so a loss needs evidence from the others, after the node's last event: a node declared
+    it dead (its heartbeat stopped), a later round of its rendezvous formed without it, or another
+    node of the same attempt and step ended cleanly.
+    """
+    heartbeats = _heartbeat_deaths(rdzv_ids, deaths)
+    peers: dict[tuple[int, int], list[NodeRun]] = {}
+    for run in runs.values():
+        peers.setdefault((run.attempt, run.step), []).append(run)
+    losses = []
+    for key, run in runs.items():
+        if run.ended:
+            continue
+        death = heartbeats.get(key)
+        if death is not None and death.time <= run.last:
+            death = None  # it went on after being declared dead (a false alarm)
+        left = _round_without(run, rounds)
+        outlived = max((p for p in peers[(run.attempt, run.step)] if p.ended and p.last > run.last),
+                       key=lambda p: p.last, default=None)
+        if death is not None or left is not None or outlived is not None:
+            losses.append(_loss(run, death, left, outlived))
+    return losses
+
+
+def _heartbeat_deaths(rdzv_ids: dict[str, tuple[str, int, int]],
+                      deaths: list[NodeDeath]) -> dict[tuple[str, int, int], NodeDeath]:
+    """Per node run, the first declaration that its heartbeat stopped (rendezvous ids are unique
+    per agent, so an id names one node, attempt and step)."""
+    first: dict[tuple[str, int, int], NodeDeath] = {}
+    for d in deaths:
+        key = rdzv_ids.get(d.dead_id)
+        if key is not None and (key not in first or d.time < first[key].time):
+            first[key] = d
+    return first
+
+
+def _round_without(run: NodeRun, rounds: dict[tuple[int, int, int], Round]) -> Round | None:
+    """The first round of the node's rendezvous that formed without it after its last event."""
+    later = [r for r in rounds.values()
+             if r.attempt == run.attempt and r.step == run.step and r.end is not None
+             and r.end > run.last and run.node not in r.participants
+             and (run.round is None or r.round > run.round)]
+    return min(later, key=lambda r: r.round, default=None)
+
+
+def _clock(t: float) -> str:
+    """Time of day (UTC, ms) for messages: the date is in the summary's header already."""
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+
+
+def _loss(run: NodeRun, death: NodeDeath | None, left: Round | None,
+          outlived: NodeRun | None) -> dict[str, Any]:
+    """The loss as a cause record, shaped like a failure where the fields mean the same."""
+    lost_at = None
+    parts = []
+    evidence = []
+    if death is not None:
+        evidence.append("heartbeat")
+        if death.silent_s is not None:
+            lost_at = death.time - death.silent_s
+            parts.append(f"no heartbeat since {_clock(lost_at)} (declared dead by {death.by} "
+                         f"at {_clock(death.time)})")
+        else:
+            parts.append(f"declared dead by {death.by} at {_clock(death.time)}")
+    parts.append(f"its agent and workers stopped without a shutdown event (last event "
+                 f"{run.last_kind} at {_clock(run.last)})")
+    if left is not None:
+        evidence.append("left_rendezvous")
+        parts.append(f"round {left.round} formed without it at {_clock(left.end or 0.0)}")
+    if outlived is not None:
+        evidence.append("outlived")
+        if death is None and left is None:
+            parts.append(f"{outlived.node} ran on until {_clock(outlived.last)}")
+    return {"kind": "node_lost", "time": max(run.last, lost_at or run.last), "node": run.node,
+            "attempt": run.attempt, "step": run.step, "round": run.round,
+            "last_event": run.last, "last_kind": run.last_kind, "heartbeat_lost_at": lost_at,
+            "declared_dead_by": death.by if death else None,
+            "declared_dead_at": death.time if death else None, "evidence": evidence,
+            "message": f"node {run.node} lost: " + "; ".join(parts), "root": False}
+
+
+def _cascade(c: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The cascade a failure or loss belongs to: its attempt, step and round."""
+    return (c["attempt"], c["step"], c["round"])
+
+
+def _mark_roots(failures: list[dict[str, Any]], losses: list[dict[str, Any]]) -> None:
+    """Mark the root of each cascade (one per attempt, step and round) and its secondaries.
+
+    The root is the earliest (:func:`cause_key`) *cause*: a node loss, or a failure whose message
+    is not a consequence of another (gloo peer closed, SIGTERM). Only if there is none, the
+    earliest failure. Every other failure of the cascade gets ``secondary_to`` naming the root:
+    the survivors' connection errors after a node loss are its symptoms, not causes.
+    """
+    groups: dict[tuple[Any, Any, Any], list[dict[str, Any]]] = {}
+    for c in [*losses, *failures]:
+        groups.setdefault(_cascade(c), []).append(c)
     for group in groups.values():
-        causes = [f for f in group if not is_cascade(f["message"], f["exitcode"])]
-        root = min(causes or group, key=_failure_order)
+        causes = [c for c in group
+                  if c["kind"] == "node_lost" or not is_cascade(c["message"], c["exitcode"])]
+        root = min(causes or group, key=cause_key)
         root["root"] = True
+        ref = {"kind": root["kind"], "node": root["node"], "rank": root.get("rank")}
+        for c in group:
+            if c is not root and c["kind"] != "node_lost":
+                c["secondary_to"] = ref
+
+
+def _mark_stops(rounds: dict[tuple[int, int, int], Round], roots: list[dict[str, Any]],
+                failures: list[dict[str, Any]]) -> None:
+    """Move each round's ``first_failure`` back to when useful work really stopped.
+
+    A failure root: when its rank raised (``error_time``), before its agent saw it. A node loss:
+    its last seen heartbeat, or a survivor's rank raising, whichever came first (both precede the
+    agents' failure lines).
+    """
+    for c in roots:
+        if c["round"] is None:
+            continue
+        r = rounds.get((c["attempt"], c["step"], c["round"]))
+        if r is None or r.end is None:
+            continue
+        if c["kind"] != "node_lost":
+            if isinstance(c["error_time"], (int, float)) and r.end <= c["error_time"] < c["time"]:
+                r.first_failure = float(c["error_time"])
+            continue
+        signs = [f["error_time"] for f in failures if _cascade(f) == _cascade(c)
+                 and isinstance(f["error_time"], (int, float))]
+        if c["heartbeat_lost_at"] is not None:
+            signs.append(c["heartbeat_lost_at"])
+        stop = min((t for t in signs if t >= r.end), default=None)
+        if stop is not None and (r.first_failure is None or stop < r.first_failure):
+            r.first_failure = float(stop)
+
+
+ROOT_CAUSE_FIELDS = ("kind", "time", "node", "attempt", "step", "round", "rank", "exitcode",
+                     "message")
+
+
+def root_cause(c: dict[str, Any]) -> dict[str, Any]:
+    """A root in the one shape shared by failures and node losses (JSON ``root_causes``)."""
+    return {k: c.get(k) for k in ROOT_CAUSE_FIELDS}

@@ -71,8 +71,15 @@ def _segments(m: JobModel) -> list[tuple[str, float, float]]:
 
 
 FAILURE_FIELDS = ("time", "error_time", "node", "attempt", "step", "round", "rank", "exitcode",
-                  "message", "root")
+                  "message", "root", "secondary_to")
 PHASES = ("queued", "startup", "rendezvous", "training", "restarting", "lost to failures")
+
+
+def _lost_for_good(m: JobModel) -> set[str]:
+    """Nodes whose last events are those of a loss: the others went on without them, so they
+    are gone even while the job still runs."""
+    return {loss["node"] for loss in m.losses
+            if loss["last_event"] == m.health[loss["node"]].last}
 
 
 def summarize(job: Job) -> dict[str, Any]:
@@ -89,8 +96,9 @@ def summarize(job: Job) -> dict[str, Any]:
     status = status_of(m)
     health = [h.as_dict() for h in m.health.values()]
     if status == "running":
+        lost = _lost_for_good(m)
         for h in health:
-            if h["ended"] == "vanished":
+            if h["ended"] == "vanished" and h["node"] not in lost:
                 h["ended"] = "running?"  # cannot tell a live node from a dead one from files
     return {
         "job_id": m.job_id,
@@ -111,12 +119,26 @@ def summarize(job: Job) -> dict[str, Any]:
             for r in sorted(m.rounds.values(), key=lambda r: (r.attempt, r.step, r.round))],
         "failures_count": len(m.failures),
         "failures": [{k: f[k] for k in FAILURE_FIELDS} for f in m.failures],
+        "node_losses": m.losses,
+        "root_causes": m.root_causes,
+        "root_cause": m.root_causes[0] if m.root_causes else None,
         "preemptions": m.preemptions,
         "requeues": m.requeues,
         "node_health": health,
         "events_read": m.events,
         "notes": job.notes,
     }
+
+
+def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
+    """One root cause; a node loss says how many failures it explains, as they are not roots."""
+    if c["kind"] != "node_lost":
+        return (f"{iso(c['time'])} {c['node']} rank {c['rank']} exit {c['exitcode']}: "
+                f"{c['message'] or '(no message)'}")
+    n = sum(1 for f in failures if (f.get("secondary_to") or {}).get("kind") == "node_lost"
+            and f["secondary_to"]["node"] == c["node"]
+            and (f["attempt"], f["step"], f["round"]) == (c["attempt"], c["step"], c["round"]))
+    return f"{iso(c['time'])} {c['message']}" + (f" [{n} failure(s) follow from it]" if n else "")
 
 
 def render(s: dict[str, Any]) -> str:
@@ -138,12 +160,9 @@ def render(s: dict[str, Any]) -> str:
         step = f" step {r['step']}" if r.get("step") else ""
         out.append(f"  attempt {r['attempt']}{step} round {r['round']}: {dur(r['duration_s']):>8}  "
                    f"at {iso(r['start'])}  nodes {','.join(r['participants'])}")
-    roots = [f for f in s["failures"] if f["root"]]
-    if roots:
+    if s["root_causes"]:
         out.append("root causes:")
-        for f in roots:
-            out.append(f"  {iso(f['time'])} {f['node']} rank {f['rank']} exit {f['exitcode']}: "
-                       f"{f['message'] or '(no message)'}")
+        out.extend(f"  {_root_line(c, s['failures'])}" for c in s["root_causes"])
     out.append("node health:")
     for h in s["node_health"]:
         out.append(f"  {h['node']:<16} {h['ended']:<9} last {h['last_kind'] or '-'} at "
