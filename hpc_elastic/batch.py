@@ -21,9 +21,10 @@ succeeded (even if srun itself reported the lost node's task as failed), else sr
 Runs that span several jobs (docs/elastic-across-jobs.md): the *lead* job's supervisor publishes
 the run's current rendezvous (attempt, step) before each step, and a *member* job's supervisor
 (``grow``, array tasks: ``HPC_ELASTIC_RUN_ID`` is set) starts its agents in it. A member never
-relaunches: its nodes are extra, and the run goes on without them. When the lead stops for good
-without success (cancelled, preempted and requeued), it cancels the member jobs, so a requeued
-run never trains twice side by side.
+relaunches: its nodes are extra, and the run goes on without them. Whenever the lead leaves its
+rendezvous behind -- it ends, is cancelled, is preempted and requeued, or relaunches after a node
+loss -- it cancels the member jobs, so that members never train on in the old rendezvous side by
+side with the lead. Only after a success are running members left alone: they finish with it.
 """
 
 from __future__ import annotations
@@ -155,14 +156,13 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         publish_run_pointer(jobdir, job_id, attempt, step)
         rc, outcome = _run_step(jobdir, python, step, nodes, env, stop, attempt)
         if outcome == "agent.succeeded":
+            _cancel_members(jobdir, job_id, pending_only=True)
             return 0
+        _cancel_members(jobdir, job_id)
         ran_on = list(nodes) if nodes is not None else allocated
-        preempted = (jobdir.path / "requeue" / f"attempt-{attempt}").exists()
-        if stop.signum is not None or preempted:
-            _cancel_members(jobdir, job_id)
         if rc == 0 or outcome is not None or stop.signum is not None:
             return rc if stop.signum is None else 128 + stop.signum
-        if preempted:
+        if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
             return rc  # preempted: Slurm requeues the job; the next attempt starts over
         left = usable(job_nodes(job_id, allocated))
         lost = [n for n in ran_on if n not in left]
@@ -208,10 +208,13 @@ def _run_member(jobdir: JobDir, env: dict[str, str]) -> int:
     return rc if stop.signum is None else 128 + stop.signum
 
 
-def _cancel_members(jobdir: JobDir, own_job_id: str) -> None:
-    """The lead stops for good: end the member jobs too (see the module docstring)."""
+def _cancel_members(jobdir: JobDir, own_job_id: str, pending_only: bool = False) -> None:
+    """The lead leaves its rendezvous: end the member jobs too (see the module docstring);
+    after a success only those that never started, which would find the run over."""
     others = [m.job_id for m in read_members(jobdir) if m.kind != LEAD and m.job_id != own_job_id]
-    if others:
-        print(f"hpc_elastic batch: the lead stops; cancelling member job(s) {', '.join(others)}",
-              flush=True)
-        _slurm("scancel", *others)
+    if not others:
+        return
+    which = ("--state=PENDING",) if pending_only else ()
+    print(f"hpc_elastic batch: the lead leaves rendezvous; cancelling member job(s) "
+          f"{', '.join(others)}{' that are still pending' if pending_only else ''}", flush=True)
+    _slurm("scancel", *which, *others)

@@ -37,7 +37,8 @@ class JobStatus:
     def as_dict(self) -> dict[str, Any]:
         s = self.summary
         failures = s.get("failures") or []
-        roots = [f for f in failures if f.get("root")]
+        # Root causes include lost nodes, which are not failures of a worker.
+        roots = s.get("root_causes") or [f for f in failures if f.get("root")]
         return {
             "job_id": self.submission.job_id if self.submission else None,
             "mode": self.submission.mode if self.submission else None,
@@ -61,14 +62,20 @@ class JobStatus:
             f"  directory   {d['jobdir']}",
             f"  nodes       {len(d['nodes'])}: {', '.join(d['nodes']) or '-'}",
             f"  rounds      {d['rounds']}   restarts {d['restarts']}   attempts {d['attempts']}",
-            "  last failure " + (f"{last.get('node')} rank {last.get('rank')} exit "
-                                 f"{last.get('exitcode')}: {last.get('message')}" if last else "-"),
+            "  last failure " + (_failure_line(last) if last else "-"),
         ]
         if len(self.members) > 1 or any(m["kind"] != LEAD for m in self.members):
             lines.append("  jobs of the run:")
             lines += [f"    {m['job_id']:<10} {m['kind']:<6} nodes {m['nodes']:<5} {m['state']}"
                       for m in self.members]
         return "\n".join(lines)
+
+
+def _failure_line(cause: dict[str, Any]) -> str:
+    if cause.get("kind") == "node_lost":
+        return str(cause.get("message"))
+    return (f"{cause.get('node')} rank {cause.get('rank')} exit {cause.get('exitcode')}: "
+            f"{cause.get('message')}")
 
 
 def local_agent_pids(jobdir: JobDir) -> list[int]:

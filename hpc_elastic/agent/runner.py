@@ -24,6 +24,7 @@ from torch.distributed.elastic.agent.server.api import (
 )
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
 from hpc_elastic import slurm
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
@@ -193,6 +194,14 @@ def run_agent(target: str | Path) -> int:
     started = time.monotonic()
     try:
         result = agent.run(ROLE)
+    except RendezvousClosedError as err:
+        if not ident.is_member:
+            raise
+        # The run ended (the lead closed its rendezvous) before or while this member took part:
+        # nothing left to do here, and nothing failed.
+        events.record("agent.left", reason=f"the run has ended: {err}")
+        telemetry.close()
+        return EXIT_OK
     except SignalException as err:
         if preemption.received:
             # After ``scontrol requeue`` Slurm ends the step with SIGTERM: part of the

@@ -27,7 +27,7 @@ from typing import Any
 from .loader import Job
 
 TERMINAL = {"agent.succeeded": "ok", "agent.failed": "failed", "agent.preempted": "preempted",
-            "shutdown": "shutdown"}
+            "shutdown": "shutdown", "agent.left": "left"}
 # Events after which a node that falls silent left on purpose, not lost: its agent's end events,
 # and the rendezvous' own clean exits (it closed the run, or departed from it when stopped).
 _CLEAN_END = frozenset(TERMINAL) | {"rendezvous.closed", "rendezvous.departed"}
@@ -83,11 +83,16 @@ class NodeHealth:
     ended: str = "vanished"
     attempts: set[int] = field(default_factory=set)
     events: int = 0
+    #: The Slurm job the node's agent ran under, and the run it joined (another job's for the
+    #: nodes of a ``grow`` job or an array task), from its last ``agent.start``.
+    job_id: str | None = None
+    run_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node, "first_event": self.first, "last_event": self.last,
                 "last_kind": self.last_kind, "ended": self.ended,
-                "attempts": sorted(self.attempts), "events": self.events}
+                "attempts": sorted(self.attempts), "events": self.events,
+                "job_id": self.job_id}
 
 
 @dataclass
@@ -165,6 +170,10 @@ def _int(value: Any) -> int | None:
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)
     return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _failure(rec: dict[str, Any], key: tuple[int, int, int] | None,
@@ -250,6 +259,8 @@ def build(job: Job) -> JobModel:
                 job_id = rec["job_id"]
             if kind in ("agent.start", "agent.started"):
                 step_of[attempt] = _int(rec.get("step")) or 0
+                h.job_id = _str(rec.get("job_id")) or h.job_id
+                h.run_id = _str(rec.get("run_id")) or h.job_id
             rkey = (node, attempt, step_of.get(attempt, 0))
             run = runs.get(rkey)
             if run is None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.members import ARRAY, LEAD, read_members
+
 from .fmt import dur, footer, iso
 from .loader import Job
 from .model import JobModel, Round, build
@@ -125,9 +128,27 @@ def summarize(job: Job) -> dict[str, Any]:
         "preemptions": m.preemptions,
         "requeues": m.requeues,
         "node_health": health,
+        "jobs": member_jobs(job, m),
         "events_read": m.events,
         "notes": job.notes,
     }
+
+
+def member_jobs(job: Job, m: JobModel) -> list[dict[str, Any]]:
+    """The Slurm jobs of the run (the first, ``grow`` jobs, an array) with the nodes each
+    brought and when they took part: from ``members/`` and each node's ``agent.start``."""
+    out = []
+    for member in read_members(JobDir(job.path)):
+        mine = [h for h in m.health.values() if h.job_id == member.job_id
+                or (member.kind == ARRAY and h.run_id == member.job_id)]
+        firsts = [h.first for h in mine if h.first is not None]
+        lasts = [h.last for h in mine if h.last is not None]
+        out.append({"job_id": member.job_id, "kind": member.kind, "requested_nodes": member.nodes,
+                    "array_tasks": member.tasks, "submitted_at": member.submitted_at,
+                    "nodes": sorted(h.node for h in mine),
+                    "first_event": min(firsts, default=None),
+                    "last_event": max(lasts, default=None)})
+    return out
 
 
 def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
@@ -155,6 +176,16 @@ def render(s: dict[str, Any]) -> str:
     out.append(f"attempts {s['attempts']}  worker-group restarts {s['restarts']} "
                f"({s['restarts_after_failure']} after a failure)  failures {s['failures_count']}"
                f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
+    jobs = s.get("jobs") or []
+    if len(jobs) > 1 or any(j["kind"] != LEAD for j in jobs):
+        out.append("jobs of the run:")
+        for j in jobs:
+            what = (f"array of {j['array_tasks']}" if j["kind"] == ARRAY
+                    else f"{j['kind']} {j['requested_nodes']} node(s)")
+            took = (f"took part {iso(j['first_event'])} .. {iso(j['last_event'])}"
+                    if j["first_event"] is not None else "never took part")
+            out.append(f"  {j['job_id']:<10} {what:<20} nodes {','.join(j['nodes']) or '-':<12}"
+                       f" {took}")
     out.append("rendezvous rounds:")
     for r in s["rendezvous_rounds"]:
         step = f" step {r['step']}" if r.get("step") else ""
@@ -165,8 +196,10 @@ def render(s: dict[str, Any]) -> str:
         out.extend(f"  {_root_line(c, s['failures'])}" for c in s["root_causes"])
     out.append("node health:")
     for h in s["node_health"]:
+        job = f"  (job {h['job_id']})" if len(jobs) > 1 or any(
+            j["kind"] != LEAD for j in jobs) else ""
         out.append(f"  {h['node']:<16} {h['ended']:<9} last {h['last_kind'] or '-'} at "
-                   f"{iso(h['last_event'])}")
+                   f"{iso(h['last_event'])}{job}")
     foot = footer(s["notes"])
     if foot:
         out.append(foot)
