@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e_helpers import (
+    assert_nothing_left,
+    processes_mentioning,
+    summary_json,
+    summary_text,
+)
 from slurm_cluster.fixture import SlurmCluster
 
 from hpc_elastic.jobdir import JobDir
@@ -38,19 +44,6 @@ def wait_for_training(jobdir_root: Path, nodes: int, timeout: float = 90) -> Job
                 return jobdir
         time.sleep(0.5)
     raise AssertionError(f"training did not start on {nodes} nodes within {timeout} s")
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (the job directory is in every agent's)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def workers_of(jobdir: JobDir) -> list[int]:
@@ -159,6 +152,10 @@ def test_slurm_job_status_cancel_and_list(slurm_cluster: SlurmCluster, tmp_path:
     assert not [p for p in workers if alive(p)], "workers left behind"
     assert not processes_mentioning(str(jobdir.path)), "agents left behind"
     assert slurm_cluster.wait_job(int(job_id), timeout=30) == "CANCELLED"
+    summary = summary_json(jobdir)
+    summary_text(jobdir)
+    assert summary["status"] == "cancelled" and not summary["failures"]
+    assert_nothing_left(slurm_cluster, jobdir)
 
     second = cli("submit", str(REPO / "examples" / "demo.yaml"), "--set", f"job_root={tmp_path}",
                  "--set", "nodes=1", "--set", "slurm.time=5", "--wait",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import assert_nothing_left, summary_json, summary_text
 from polling import wait_for
 
 from hpc_elastic.agent.preemption import Preemption, ignores_signal
@@ -263,19 +264,13 @@ def test_slurm_preemption_requeues_once_and_resumes(slurm_cluster: Any, tmp_path
     assert {e["attempt"] for e in events(jobdir)} == {0, 1}
     for node in jobdir.node_names():
         assert [e["kind"] for e in read_jsonl(jobdir.events(node))][-1] == "agent.succeeded"
-    # Nothing of the job is left on any node.
-    wait_for("the job's processes to end", lambda: not any(
-        str(jobdir.path) in _cmdline(pid) for node in slurm_cluster.nodes
-        for pid in slurm_cluster.node_processes(node)), 30)
+    summary = summary_json(jobdir)
+    summary_text(jobdir)
+    assert summary["status"] == "succeeded" and summary["attempts"] == 2
+    assert summary["requeues"] == 1 and summary["preemptions"]
+    assert not summary["failures"], "a preemption is not a failure"
+    assert_nothing_left(slurm_cluster, jobdir)
     print(f"\nslurm: signal -> checkpoint {workers_checkpointed_at(jobdir) - signalled:.2f} s, "
           f"signal -> requeue event {requeued - signalled:.2f} s, requeue -> attempt 1 running "
           f"{second_running - requeued:.2f} s (with release), checkpoint at global step "
           f"{checkpointed}, resumed at {resumed}, whole test {time.monotonic() - started:.1f} s")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import job_processes_left
 from slurm_cluster.fixture import SlurmCluster
 
 from hpc_elastic.jobdir import JobDir
@@ -55,3 +56,4 @@ def test_torchrun_script_with_the_sharedfs_backend_on_three_nodes(
                         "--steps-per-epoch", "3", "--checkpoint-dir", str(tmp_path / "ckpt"))
     assert log.count("training finished") == 6, log[-3000:]  # 3 nodes x 2 workers
     assert (tmp_path / "ckpt" / "last.pt").is_file()
+    assert not job_processes_left(slurm_cluster, JobDir(tmp_path)), "torchrun left processes"

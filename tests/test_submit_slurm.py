@@ -65,13 +65,14 @@ def test_three_node_job_runs_to_success_with_every_nodes_logs(
 
 def layout(jobdir: JobDir) -> set[str]:
     """Relative paths with node names and ranks made generic. Mode-specific files are left out:
-    Slurm's logs and the batch script, the local launcher's PID file, and the rendezvous
-    directory (named after the job id)."""
+    Slurm's logs, the batch script and the record of the run's Slurm jobs, the local launcher's
+    PID file, and the rendezvous directory (named after the job id)."""
     shapes = set()
     nodes = jobdir.node_names()
     for path in jobdir.path.rglob("*"):
         rel = str(path.relative_to(jobdir.path))
-        if rel.startswith(("slurm/", "rendezvous/")) or rel in ("local-agents.json", "sbatch.sh"):
+        if rel.startswith(("slurm/", "rendezvous/", "members/")) or rel in (
+                "local-agents.json", "sbatch.sh", "members"):
             continue
         for index, node in enumerate(nodes):
             rel = rel.replace(f"nodes/{node}", f"nodes/node{index}")
