@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -187,4 +188,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        # @record has written error.json (the root cause the agent reports). Exit 1 now: the
+        # process group's teardown after an exception sometimes aborts (exit -6, measured),
+        # which would hide that this rank failed by raising.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
