@@ -27,7 +27,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -194,6 +193,6 @@ if __name__ == "__main__":
         # @record has written error.json (the root cause the agent reports). Exit 1 now: the
         # process group's teardown after an exception sometimes aborts (exit -6, measured),
         # which would hide that this rank failed by raising.
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())  # torch's hook prints it as "[rank<N>]: ..." lines
         sys.stderr.flush()
         os._exit(1)
