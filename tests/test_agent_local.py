@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,26 @@ def test_unwritable_log_directory_warns_and_training_still_succeeds(tmp_path: Pa
     assert "training finished" in result.stdout + result.stderr
     assert "warning" in result.stderr.lower()
     assert (jobdir.checkpoints / "last.pt").is_file()
+
+
+def test_a_node_that_succeeds_does_not_wait_for_a_peer_that_failed(tmp_path: Path) -> None:
+    """One node's worker succeeds at once, the other's fails 2 s later (no restarts left). The
+    job ends failed in seconds: the succeeding agent does not sit in an exit barrier waiting
+    for an agent that will never arrive (torch's default: 300 s)."""
+    (tmp_path / "w.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ['GROUP_RANK'] == '0':\n    sys.exit(0)\n"
+        "time.sleep(2)\nsys.exit(1)\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: uneven\nnodes: 2\nnproc_per_node: 1\nentrypoint: w.py\nmax_restarts: 0\n"
+        "job_root: jobs\nrendezvous: {last_call_timeout: 1}\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "hpc_elastic", "submit",
+                             str(tmp_path / "job.yaml"), "--local"],
+                            capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert took < 30, f"the job took {took:.0f} s to end"
+    jobdir = only_jobdir(tmp_path / "jobs")
+    ends = sorted(kinds(jobdir, node)[-1] for node in jobdir.node_names())
+    assert ends == ["agent.failed", "agent.succeeded"]
