@@ -119,18 +119,36 @@ def srun_command(jobdir: JobDir, python: str, step: int, nodes: Sequence[str] | 
 
 class _Stop:
     """SIGTERM/SIGINT to the batch step (scancel, the end of a requeue): pass it to srun and
-    start nothing new. The preemption signal only goes to the agents (it is sent to the steps,
-    not to the batch shell); should it reach us, it is ignored, never fatal."""
+    start nothing new.
 
-    def __init__(self, preempt_signal: str) -> None:
+    The preemption signal: a lead's goes to its agents (it is sent to the steps, not to the batch
+    shell), so should it reach us it is ignored, never fatal. A member job's goes to the batch
+    shell only (``--signal=B:...``, see sbatch.py) and means "leave the run": we have Slurm send
+    SIGTERM to the step's processes, as ``scancel`` would, so that the agents depart and stop
+    their workers. (Not SIGTERM to srun: srun then cancels the step at once, and the agents die
+    before they can depart.) Were the preemption signal sent to the member's workers instead,
+    the example's preemption contract would have *every* rank of the run checkpoint and exit 0,
+    and the lead would take that for the end of training."""
+
+    def __init__(self, preempt_signal: str, leave_on_preempt: bool = False,
+                 job_id: str = "") -> None:
         self.signum: int | None = None
+        self.left = False  # a member left at the preemption signal
+        self.job_id = job_id
         self.child: subprocess.Popen[bytes] | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         sig = getattr(signal, f"SIG{preempt_signal.upper().removeprefix('SIG')}", None)
         if sig is not None and sig not in (signal.SIGTERM, signal.SIGINT):
             # A handler, not SIG_IGN: SIG_IGN would be inherited by srun through exec.
-            signal.signal(sig, lambda _s, _f: None)
+            signal.signal(sig, self._leave if leave_on_preempt else lambda _s, _f: None)
+
+    def _leave(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.left:
+            return
+        self.left = True
+        # Not waited for here (a signal handler); srun's end is what the main loop waits for.
+        subprocess.Popen(["scancel", "--signal=TERM", self.job_id], stdin=subprocess.DEVNULL)
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         self.signum = signum
@@ -200,11 +218,12 @@ def _run_member(jobdir: JobDir, env: dict[str, str]) -> int:
     print(f"hpc_elastic batch: member of run {pointer.run_id}, joining attempt "
           f"{pointer.attempt} step {pointer.step}", flush=True)
     env = {**env, RUN_ATTEMPT_ENV: str(pointer.attempt)}
-    stop = _Stop(config.preemption.signal)
+    stop = _Stop(config.preemption.signal, leave_on_preempt=True,
+                 job_id=env.get("SLURM_JOB_ID", ""))
     rc, outcome = _run_step(jobdir, sys.executable, pointer.step, None, env, stop,
-                               pointer.attempt)
-    if outcome == "agent.succeeded":
-        return 0
+                            pointer.attempt)
+    if outcome == "agent.succeeded" or stop.left:
+        return 0  # done, or left the run when told to
     return rc if stop.signum is None else 128 + stop.signum
 
 

@@ -22,8 +22,9 @@ What the script does, and why:
 A *member* job (``grow``, or ``submit --array``; docs/elastic-across-jobs.md) runs the same
 agents in another job's run: ``HPC_ELASTIC_RUN_ID`` names that run. It is ``--exclusive`` (so
 two jobs of the run never share a node, whose log directory has one writer) and
-``--no-requeue``: when it ends the run shrinks, and only the lead requeues the run. Its agents
-take the preemption signal as the cue to leave the run before Slurm kills them.
+``--no-requeue``: when it ends the run shrinks, and only the lead requeues the run. Its
+preemption signal goes to its batch shell only (``B:``), the cue to stop its agents so that they
+leave the run before Slurm kills them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
         if config.elastic:
             extra["no-kill"] = True
     else:
+        # To the batch shell only: it stops the member's agents, which leave the run (see
+        # hpc_elastic/batch.py for why the workers must not get it).
+        extra["signal"] = f"B:{extra['signal']}"
         extra["exclusive"] = True
         extra["no-requeue"] = True
         if member.array_tasks is not None:
@@ -89,7 +93,9 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
         nodes = member.nodes
     # The batch step runs the supervisor, which runs ``srun ... hpc_elastic agent`` itself and
     # relaunches it on the survivors of a node loss (see hpc_elastic/batch.py).
-    command = shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])
+    # ``exec``: the supervisor *is* the batch shell, so a signal Slurm sends to the batch shell
+    # (a member's ``--signal=B:...``) reaches it instead of killing a bash that waits for it.
+    command = "exec " + shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])
     return _make_sbatch_string(
         command=command,
         folder=jobdir.slurm_logs,

@@ -140,9 +140,13 @@ def test_grow_one_node_run_by_two_nodes_then_finish_on_three(
     print(f"grow 1 -> 3 nodes: {time.monotonic() - t0:.1f} s")
 
 
-def test_cancelled_grow_job_shrinks_the_run_back_and_it_finishes(
-    slurm_cluster: SlurmCluster, tmp_path: Path
+@pytest.mark.parametrize("ending", ["cancelled", "preempted"])
+def test_grow_job_that_ends_shrinks_the_run_back_and_it_finishes(
+    slurm_cluster: SlurmCluster, tmp_path: Path, ending: str
 ) -> None:
+    """The grow job is cancelled (scancel: SIGTERM), or gets the preemption signal that Slurm
+    sends before its time limit (USR1, to its batch shell: ``--signal=B:USR1@grace``): its
+    agents leave, the run re-forms on the lead's node alone and finishes."""
     t0 = time.monotonic()
     jobdir = submit(slurm_cluster, tmp_path, "--set", "nodes=1:3", "--set", LONG_RUN,
                     "--set", "max_restarts=3")
@@ -152,9 +156,12 @@ def test_cancelled_grow_job_shrinks_the_run_back_and_it_finishes(
     wait_world(jobdir, 6)
     wait_epochs(jobdir, epochs_done(jobdir) + 1)  # the world of 6 wrote a checkpoint
     cancelled_at = time.time()
-    slurm_cluster.run(["scancel", member])
+    if ending == "cancelled":
+        slurm_cluster.run(["scancel", member])
+    else:
+        slurm_cluster.run(["scancel", "--batch", "--signal=USR1", member])
     states = finish(slurm_cluster, jobdir, lead, member)
-    assert states[member] == "CANCELLED", states
+    assert states[member] == ("CANCELLED" if ending == "cancelled" else "COMPLETED"), states
 
     # Back to the lead's 2 workers, resumed mid-run.
     assert any(w == 2 and g > 0 for _, w, g in starts_seen(jobdir)), starts_seen(jobdir)
@@ -163,6 +170,8 @@ def test_cancelled_grow_job_shrinks_the_run_back_and_it_finishes(
     assert summary["status"] == "succeeded"
     sizes = [len(r["participants"]) for r in summary["rendezvous_rounds"]]
     assert sizes[0] == 1 and 3 in sizes and sizes[-1] == 1, sizes
+    # The grow job's departure is a membership change: no restart of max_restarts used for it.
+    assert summary["restarts_after_failure"] == 0, summary["failures"]
     lead_nodes = [n for n in jobdir.node_names()
                   if any(e["kind"] == "agent.succeeded" for e in node_events(jobdir, n))]
     assert len(lead_nodes) == 1
@@ -172,7 +181,7 @@ def test_cancelled_grow_job_shrinks_the_run_back_and_it_finishes(
         if p.stat().st_mtime > cancelled_at and (m := RESUMED.search(p.read_text()))]
     assert resumed and min(resumed) >= 10, resumed
     assert_nothing_left(slurm_cluster, jobdir)
-    print(f"grow, cancel the grow job, finish: {time.monotonic() - t0:.1f} s")
+    print(f"grow, the grow job {ending}, finish: {time.monotonic() - t0:.1f} s")
 
 
 def test_array_start_trains_once_min_nodes_joined_and_takes_the_third_later(

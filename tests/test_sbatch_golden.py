@@ -76,4 +76,5 @@ def test_member_script_matches_golden(kind: str, tmp_path: Path) -> None:
     for absent in ("--requeue\n", "--no-kill"):
         assert absent not in text
     assert "#SBATCH --exclusive" in text and "#SBATCH --no-requeue" in text
-    assert "#SBATCH --signal=USR1@120" in text  # the run's signal: the cue to leave the run
+    # The run's signal, to the batch shell only: the cue to leave the run.
+    assert "#SBATCH --signal=B:USR1@120" in text

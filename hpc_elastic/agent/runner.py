@@ -87,6 +87,12 @@ class ObservedAgent(LocalElasticAgent):
                     message=failure_message(failure.message),
                     error_file=failure.error_file or None, error_time=failure.timestamp,
                     signal=failure.signal_name() if failure.exitcode < 0 else None)
+            if self._lost_a_member(worker_group) and not self._stopping():
+                # A peer of this round left (a grow job ended) or was declared dead: the
+                # failures are its echo. Reported as healthy, torch's loop sees the membership
+                # change (num_nodes_waiting > 0) and re-forms without using up a restart.
+                self._record("workers.peer_left", restart_count=restart)
+                return RunResult(state=WorkerState.HEALTHY)
         preemption = self.preemption
         if preemption is not None and preemption.received:
             # The job is going away: a restart would only start from the checkpoint the next
@@ -100,6 +106,15 @@ class ObservedAgent(LocalElasticAgent):
                 # soon as their handler is installed.
                 preemption.forward_again()
         return result
+
+
+    @staticmethod
+    def _lost_a_member(worker_group: WorkerGroup) -> bool:
+        lost = getattr(worker_group.spec.rdzv_handler, "lost_a_member", None)
+        return bool(lost is not None and lost())
+
+    def _stopping(self) -> bool:
+        return self.preemption is not None and self.preemption.received
 
 
 def failure_message(message: object) -> str:
@@ -221,6 +236,8 @@ def run_agent(target: str | Path) -> int:
         handler.depart()
         events.record("shutdown", signal=err.sigval.name)
         telemetry.close()
+        if ident.is_member and err.sigval == preemption.signum:
+            return EXIT_OK  # a member leaving at the preemption signal did what it should
         return 128 + int(err.sigval)
 
     if preemption.received:

@@ -325,6 +325,20 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return max(1, head.n)
         return late + head.nd if head.phase == COMPLETE else 0
 
+    def lost_a_member(self) -> bool:
+        """True when a node of this node's current round departed or was declared dead.
+
+        The agent asks when its workers fail: failures right after a peer left are its
+        consequence (a collective lost its peer), a membership change rather than a fault of the
+        workers. Read fresh, not cached; a True answer also makes :meth:`num_nodes_waiting` say
+        so at once, so that the agent re-forms without waiting for the next poll."""
+        head = self._state_file.read_head()
+        lost = bool(head and not head.closed and head.round == self._round
+                    and head.phase == COMPLETE and head.nd > 0)
+        if lost:
+            self._nnw_cache = (time.monotonic(), max(1, head.nd))
+        return lost
+
     def is_closed(self) -> bool:
         head = self._state_file.read_head()
         return bool(head and head.closed)
