@@ -72,7 +72,7 @@ class JobStatus:
 
 
 def _failure_line(cause: dict[str, Any]) -> str:
-    if cause.get("kind") == "node_lost":
+    if cause.get("kind") in ("node_lost", "node_left"):
         return str(cause.get("message"))
     return (f"{cause.get('node')} rank {cause.get('rank')} exit {cause.get('exitcode')}: "
             f"{cause.get('message')}")

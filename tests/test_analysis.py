@@ -488,3 +488,41 @@ def test_node_lost_while_the_job_still_runs(small_job: JobDir,
     assert s["status"] == "running" and s["root_cause"]["node"] == "n2"
     assert {h["node"]: h["ended"] for h in s["node_health"]} == {
         "n1": "running?", "n2": "vanished", "n3": "running?"}
+
+
+def departed(node: str, t: float, rnd: int) -> list[dict[str, Any]]:
+    """An agent stopped from outside (scancel of its grow job): it departs, then shuts down."""
+    return [rdzv(node, t, "departed", round=rnd, dead_node=RDZV_IDS[node],
+                 message="left the run (not closing it)"),
+            {"time": T0 + t, "source": "agent", "kind": "shutdown", "signal": "SIGTERM"}]
+
+
+def test_a_node_that_left_while_the_run_went_on_is_the_root_of_its_peers_errors(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """n2's job ends (it departs at 9.5 s); n1 and n3 lose their gloo peer and re-form as 2.
+    The departure is the root, named as a node that left, not lost; the errors follow from it."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    ev["n2"] += departed("n2", 9.5, 0)
+    for node, more in survivors_reform(False, 10.6, 1).items():
+        ev[node] += more
+    write_job(small_job, ev)
+    s = summary_of(small_job, capsys)
+    assert s["status"] == "succeeded"
+    root = s["root_cause"]
+    assert root["kind"] == "node_left" and root["node"] == "n2"
+    assert root["message"].startswith("node n2 left the run: its agent was stopped")
+    assert all(f["secondary_to"] == {"kind": "node_left", "node": "n2", "rank": None}
+               for f in s["failures"])
+    rc, text = run_cmd(capsys, "failures", small_job.path)
+    assert re.search(r"ROOT \S+  node n2  attempt 0 round 0  LEFT", text)
+    assert text.count("secondary to: node n2 left") == 4
+
+
+def test_a_cancelled_job_has_no_node_that_left(small_job: JobDir,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Every node stopped together and no round formed after: nobody left a going run."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) + departed(n, 9.5 + g / 10, 0)
+          for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    write_job(small_job, ev)
+    s = summary_of(small_job, capsys)
+    assert s["status"] == "cancelled" and s["root_cause"] is None and not s["node_losses"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from .fmt import footer, iso
 from .loader import Job
-from .model import build, cause_key
+from .model import NODE_CAUSES, build, cause_key
 
 
 def stderr_path(job: Job, f: dict[str, Any]) -> Path | None:
@@ -77,14 +77,17 @@ def _header(data: dict[str, Any]) -> str:
     fs, losses = data["failures"], data.get("node_losses") or []
     if not fs and not losses:
         return "no worker failures recorded"
-    lost = f", {len(losses)} node(s) lost" if losses else ""
+    left = sum(1 for c in losses if c["kind"] == "node_left")
+    lost = (f", {len(losses) - left} node(s) lost" if len(losses) > left else "") + (
+        f", {left} node(s) left" if left else "")
     return f"{len(fs)} failure(s){lost}, {len(data.get('root_causes') or [])} root cause(s)"
 
 
 def _loss_block(c: dict[str, Any]) -> list[str]:
     mark = "ROOT " if c["root"] else "     "
     return [f"{mark}{iso(c['time'])}  node {c['node']}  attempt {c['attempt']} round "
-            f"{c['round']}  LOST", f"     cause: {c['message']}"]
+            f"{c['round']}  {'LEFT' if c['kind'] == 'node_left' else 'LOST'}",
+            f"     cause: {c['message']}"]
 
 
 def _failure_block(f: dict[str, Any]) -> list[str]:
@@ -95,8 +98,8 @@ def _failure_block(f: dict[str, Any]) -> list[str]:
     out.append(f"     cause: {f['message'] or '(no message)'}")
     sec = f.get("secondary_to")
     if sec:
-        what = (f"node {sec['node']} lost" if sec["kind"] == "node_lost"
-                else f"{sec['node']} rank {sec['rank']}")
+        what = (f"node {sec['node']} {'left' if sec['kind'] == 'node_left' else 'lost'}"
+                if sec["kind"] in NODE_CAUSES else f"{sec['node']} rank {sec['rank']}")
         out.append(f"     secondary to: {what}")
     if f["stderr_path"]:
         out.append(f"     stderr ({f['stderr_path']}), last {len(f['stderr_tail'])} lines:")
@@ -110,7 +113,7 @@ def render(data: dict[str, Any]) -> str:
     items = sorted([*(data.get("node_losses") or []), *data["failures"]], key=cause_key)
     for c in items:
         out.append("")
-        out.extend(_loss_block(c) if c["kind"] == "node_lost" else _failure_block(c))
+        out.extend(_loss_block(c) if c["kind"] in NODE_CAUSES else _failure_block(c))
     foot = footer(data["notes"])
     if foot:
         out.append(foot)

@@ -32,6 +32,14 @@ TERMINAL = {"agent.succeeded": "ok", "agent.failed": "failed", "agent.preempted"
 # and the rendezvous' own clean exits (it closed the run, or departed from it when stopped).
 _CLEAN_END = frozenset(TERMINAL) | {"rendezvous.closed", "rendezvous.departed"}
 
+#: Causes that are a node, not a worker: lost (vanished) or left (departed when stopped).
+NODE_CAUSES = frozenset({"node_lost", "node_left"})
+# How an agent stopped from outside ends: it departs from the rendezvous, then logs ``shutdown``.
+_DEPARTED = frozenset({"shutdown", "rendezvous.departed"})
+# A worker's error_time is whole seconds: a failure caused by a departure may carry a time up to
+# this much earlier than the departure itself.
+ERROR_TIME_RESOLUTION_S = 1.0
+
 # A node's heartbeat counter is read every heartbeat_interval (2 s by default), so the "last
 # heartbeat seen" of a node_dead event can trail the node's real stop by that much; error_time is
 # whole seconds, and nodes' clocks differ a little. Ordering causes, a lost node is therefore
@@ -404,6 +412,8 @@ def cause_key(c: dict[str, Any]) -> tuple[float, int, float]:
     tie the failure comes first: a failure its own node recorded happened before that node fell
     silent, so the node's loss cannot have caused it.
     """
+    if c["kind"] == "node_left":
+        return (c["time"] - ERROR_TIME_RESOLUTION_S, 0, c["time"])
     if c["kind"] != "node_lost":
         return (_failure_order(c)[0], 0, c["time"])
     t = c["last_event"]
@@ -431,6 +441,9 @@ def _node_losses(runs: dict[tuple[str, int, int], NodeRun],
     losses = []
     for key, run in runs.items():
         if run.ended:
+            left = _round_without(run, rounds) if run.last_kind in _DEPARTED else None
+            if left is not None:  # stopped from outside while the run went on: it shrank
+                losses.append(_departure(run, left))
             continue
         death = heartbeats.get(key)
         if death is not None and death.time <= run.last:
@@ -500,6 +513,18 @@ def _loss(run: NodeRun, death: NodeDeath | None, left: Round | None,
             "message": f"node {run.node} lost: " + "; ".join(parts), "root": False}
 
 
+def _departure(run: NodeRun, left: Round) -> dict[str, Any]:
+    """A node whose agent was stopped (its grow job ended, a cancel) while the run went on
+    without it: the cause of the connection errors of the workers that stay."""
+    return {"kind": "node_left", "time": run.last, "node": run.node, "attempt": run.attempt,
+            "step": run.step, "round": run.round, "last_event": run.last,
+            "last_kind": run.last_kind, "heartbeat_lost_at": None, "declared_dead_by": None,
+            "declared_dead_at": None, "evidence": ["departed"],
+            "message": f"node {run.node} left the run: its agent was stopped ({run.last_kind} "
+                       f"at {_clock(run.last)}); round {left.round} formed without it at "
+                       f"{_clock(left.end or 0.0)}", "root": False}
+
+
 def _cascade(c: dict[str, Any]) -> tuple[Any, Any, Any]:
     """The cascade a failure or loss belongs to: its attempt, step and round."""
     return (c["attempt"], c["step"], c["round"])
@@ -518,12 +543,12 @@ def _mark_roots(failures: list[dict[str, Any]], losses: list[dict[str, Any]]) ->
         groups.setdefault(_cascade(c), []).append(c)
     for group in groups.values():
         causes = [c for c in group
-                  if c["kind"] == "node_lost" or not is_cascade(c["message"], c["exitcode"])]
+                  if c["kind"] in NODE_CAUSES or not is_cascade(c["message"], c["exitcode"])]
         root = min(causes or group, key=cause_key)
         root["root"] = True
         ref = {"kind": root["kind"], "node": root["node"], "rank": root.get("rank")}
         for c in group:
-            if c is not root and c["kind"] != "node_lost":
+            if c is not root and c["kind"] not in NODE_CAUSES:
                 c["secondary_to"] = ref
 
 
@@ -541,7 +566,7 @@ def _mark_stops(rounds: dict[tuple[int, int, int], Round], roots: list[dict[str,
         r = rounds.get((c["attempt"], c["step"], c["round"]))
         if r is None or r.end is None:
             continue
-        if c["kind"] != "node_lost":
+        if c["kind"] not in NODE_CAUSES:
             if isinstance(c["error_time"], (int, float)) and r.end <= c["error_time"] < c["time"]:
                 r.first_failure = float(c["error_time"])
             continue

@@ -17,7 +17,7 @@ from hpc_elastic.members import ARRAY, LEAD, read_members
 
 from .fmt import dur, footer, iso
 from .loader import Job
-from .model import JobModel, Round, build
+from .model import NODE_CAUSES, JobModel, Round, build
 
 
 def status_of(m: JobModel) -> str:
@@ -153,10 +153,10 @@ def member_jobs(job: Job, m: JobModel) -> list[dict[str, Any]]:
 
 def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
     """One root cause; a node loss says how many failures it explains, as they are not roots."""
-    if c["kind"] != "node_lost":
+    if c["kind"] not in NODE_CAUSES:
         return (f"{iso(c['time'])} {c['node']} rank {c['rank']} exit {c['exitcode']}: "
                 f"{c['message'] or '(no message)'}")
-    n = sum(1 for f in failures if (f.get("secondary_to") or {}).get("kind") == "node_lost"
+    n = sum(1 for f in failures if (f.get("secondary_to") or {}).get("kind") == c["kind"]
             and f["secondary_to"]["node"] == c["node"]
             and (f["attempt"], f["step"], f["round"]) == (c["attempt"], c["step"], c["round"]))
     return f"{iso(c['time'])} {c['message']}" + (f" [{n} failure(s) follow from it]" if n else "")
