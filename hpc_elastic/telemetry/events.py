@@ -81,6 +81,9 @@ DIRECT_KINDS: dict[str, str] = {
     "agent.succeeded": "the agent ends, workers succeeded: elapsed_s",
     "agent.failed": "the agent ends, workers failed: elapsed_s, failures",
     "shutdown": "the agent was told to stop (a signal): signal",
+    "workers.peer_left": "the workers failed right after a node of their round departed or was "
+    "declared dead: a membership change, no restart used: restart_count",
+    "agent.left": "a member job's agent found the run's rendezvous closed (the run ended): reason",
 }
 # Events (agent-style ``Event``) whose name starts with a key here: kind = value + rest of the name.
 # hpc_elastic's shared-filesystem rendezvous names its events "sharedfs.rendezvous.<what>".
