@@ -1,29 +1,44 @@
 """Telemetry cost: microseconds per event/metric, and agent CPU with telemetry on vs off.
 
-    .venv/bin/python benchmarks/bench_telemetry.py   # ~8 min: micro + 2 rounds x 3 modes x 70 s
-    .venv/bin/python benchmarks/bench_telemetry.py --seconds 35 --repeats 1   # quicker
+    .venv/bin/python benchmarks/bench_telemetry.py   # ~5 min: micro + 4 rounds of 70 s
+    .venv/bin/python benchmarks/bench_telemetry.py --seconds 30 --repeats 2   # ~2 min, rougher
 
 Part 1 times each path in-process (files in a temporary directory on local disk): warm loops,
-and the per-tick metric calls *cold* (after a sleep, as in the agent's monitor loop), paired
-against torch's own NullMetricHandler.
+and the per-tick metric calls *cold* (after a 20 ms sleep), paired against torch's own
+NullMetricHandler.
 
-Part 2 runs a real ``LocalElasticAgent`` (torch's dynamic rendezvous over a loopback TCPStore,
-2 workers that sleep, ``monitor_interval`` 0.1 s = torch's default) in a fresh process per run,
-interleaving three modes: telemetry off, on (default install), on with torch's rendezvous events
-switched on. It reads the agent process's CPU time (all its threads, not the workers) over the
-whole ``agent.run()`` and over a steady-state window (``--warmup`` s after the start to 1 s
-before the workers end). The agent is nearly idle (a few ms of CPU per second), so on a shared
-machine an on/off difference of 1 % is far below run-to-run noise. The "on" runs therefore also
-measure telemetry's own CPU: the metric drain thread's CPU (from
-``/proc/self/task/<tid>/schedstat``, no instrumentation; in the steady window per drained sample,
-times the sample rate), the event handler's CPU (each call timed with ``thread_time_ns``; the
-timer's cost is included) and the queue appends (counted from the file x the cold per-call extra
-of Part 1). Targets: < 100 us per event, < 1 % agent CPU.
+Part 2 runs real torch ``LocalElasticAgent``s as the product does by default (hpc_elastic's
+sharedfs rendezvous in a temporary directory, ``monitor_interval`` = hpc_elastic's default 0.5 s;
+``--monitor-interval 0.1`` is torch's default, ``--rdzv c10d`` torch's rendezvous), each with 2
+workers that sleep, one fresh process per agent. Why it is built this way: an idle agent uses
+about 1 ms of CPU per second, and two agent processes started together differ by up to +-10 %
+and more (which core, what else runs there, memory layout), so a 1 % effect needs references
+measured the same way at the same moment. Each round therefore runs, *at the same time*: 2 agents
+with telemetry off, 2 with it on, and one A/B agent (on, but switching torch's metric handler
+between ours and torch's null handler every ``--ab-block`` ticks). Measured per agent: its own
+CPU (``time.process_time``: all its threads, not the workers'):
+
+* steady state: a ``--seconds`` window that opens ``--warmup`` s after the start; ``on`` agents
+  ``flush()`` once just before it, so that the window holds what a long run repeats (two metric
+  drains per 60 s), not the one-time creation of the metrics file;
+* whole run: ``agent.run()`` plus ``close()`` (rendezvous, worker start, end, final flush).
+
+Reported: the on/off ratio per round (mean of the 2 on / mean of the 2 off), its median and range
+over rounds and pooled over all runs, next to the on/on and off/off ratios of the same rounds:
+the noise floor of that comparison. Then telemetry's own CPU, measured directly in the same
+agents: the metric drain thread (``/proc/self/task/<tid>/schedstat``: exact), the event handler
+(each call timed with ``thread_time_ns``), ``close()``, and the queue appends on the main thread,
+measured in the A/B agents: the CPU of torch's per-tick ``put_metric`` calls (each timed) with
+our handler minus with the null handler, ticks of both arms interleaved in one process (the
+first 2 ticks after a switch are dropped: the interpreter re-specialises the call site). With
+both arms ours, that difference came out at 0.5 and 0.1 us per tick on the dev VM: no bias.
+Targets: < 100 us per event, < 1 % agent CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -31,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,9 +58,11 @@ PER_TICK = (
     ("LocalElasticAgent._monitor_workers.success", 1),
     ("LocalElasticAgent._monitor_workers.duration.ms", 0),
 )
+# One round: the agents that run at the same time (the order they are started in alternates).
+ROUND = ("off", "on", "off", "on", "ab")
 
 
-def _per_call_us(fn, n: int) -> float:
+def _per_call_us(fn: Callable[[int], object], n: int) -> float:
     fn(0)  # open files, warm caches
     start = time.perf_counter()
     for i in range(n):
@@ -68,7 +86,7 @@ def _cold_tick_us(ticks: int, sleep_s: float) -> tuple[float, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         tel = telemetry.install(tmp, "n0", job_id="bench")
-        handlers = {"null": torch_metrics.NullMetricHandler(), "ours": tel.metrics}
+        handlers = {"null": torch_metrics.NullMetricHandler(), "ours": tel.metrics.queue}
         cpu: dict[str, list[int]] = {"null": [], "ours": []}
         for i in range(ticks):
             for mode in ("null", "ours") if i % 2 else ("ours", "null"):
@@ -82,7 +100,7 @@ def _cold_tick_us(ticks: int, sleep_s: float) -> tuple[float, float]:
     return null, ours
 
 
-def micro(n: int, ticks: int) -> tuple[dict[str, float], float]:
+def micro(n: int, ticks: int) -> dict[str, float]:
     from torch.distributed.elastic import events as torch_events
     from torch.distributed.elastic import metrics as torch_metrics
     from torch.distributed.elastic.events.api import Event, EventSource, NodeState, RdzvEvent
@@ -111,7 +129,7 @@ def micro(n: int, ticks: int) -> tuple[dict[str, float], float]:
             lambda i: torch_events.record(ev, "null"), n)
         out["event: torch record_rdzv_event(RdzvEvent) -> line (torch's part included)"] = (
             _per_call_us(lambda i: torch_events.record_rdzv_event(rd), n))
-        out["metric: put_metric (our emit is list += the sample)"] = _per_call_us(
+        out["metric: put_metric (our emit is list.extend)"] = _per_call_us(
             lambda i: torch_metrics.put_metric("bench.value", i, "app"), n)
         start = time.perf_counter()
         tel.metrics._drain()  # n samples of a rare series (burst huge): every one a line
@@ -141,28 +159,33 @@ def micro(n: int, ticks: int) -> tuple[dict[str, float], float]:
         out["baseline: torch record_rdzv_event(RdzvEvent) without telemetry"] = _per_call_us(
             lambda i: torch_events.record_rdzv_event(rd), n)
     null, ours = _cold_tick_us(ticks, 0.02)
-    out["cold, per-tick put_metric with torch's NullMetricHandler (CPU)"] = null
-    out["cold, per-tick put_metric with ours (CPU)"] = ours
-    return out, max(0.0, ours - null)
+    out["cold (after a 20 ms sleep), per-tick put_metric with torch's NullMetricHandler (CPU)"] = (
+        null)
+    out["cold (after a 20 ms sleep), per-tick put_metric with ours (CPU)"] = ours
+    return out
 
 
+# One agent process. argv: jobdir mode warmup window monitor_interval rdzv ab_block repo
+# torch_rdzv_events(0/1) drain_interval
 _AGENT = r"""
-import json, os, sys, threading, time
-sys.path.insert(0, sys.argv[4])
+import json, os, statistics, sys, threading, time
+jd, mode, warmup, window = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+interval, rdzv_kind, ab_block = float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
+rdzv_events, drain_interval = sys.argv[9] == "1", float(sys.argv[10])
+sys.path.insert(0, sys.argv[8])
 os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-from torch.distributed import TCPStore
+from torch.distributed.elastic import metrics as torch_metrics
 from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
-from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
-jd, mode, seconds, warmup = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[5])
+seconds = warmup + window + 1.0  # the workers' life: the run ends about 1 s after the window
+tel = None
 events_ns = [0]
+install_cpu = time.process_time_ns()
 if mode != "off":
     from hpc_elastic import telemetry
     from hpc_elastic.telemetry.events import TorchEventHandler
-    from hpc_elastic.telemetry.jsonl import read_jsonl
 
     emit = TorchEventHandler.emit
     def timed_emit(self, record):
@@ -172,152 +195,286 @@ if mode != "off":
         finally:
             events_ns[0] += time.thread_time_ns() - t
     TorchEventHandler.emit = timed_emit
-    tel = telemetry.install(jd, "n0", job_id="bench", attempt=0,
-                            torch_rdzv_events=mode == "on+rdzv")
-store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-rdzv = DynamicRendezvousHandler.from_backend("r", store, C10dRendezvousBackend(store, "r"), 1, 1)
+    tel = telemetry.install(jd, "n0", job_id="bench", attempt=0, torch_rdzv_events=rdzv_events,
+                            metric_drain_interval_s=drain_interval)
+install_cpu = time.process_time_ns() - install_cpu
+if rdzv_kind == "sharedfs":
+    from hpc_elastic.rendezvous import create_handler
+    rdzv = create_handler(os.path.join(jd, "rdzv"), "r", 1, 1, local_addr="127.0.0.1")
+else:
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend)
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rdzv = DynamicRendezvousHandler.from_backend(
+        "r", store, C10dRendezvousBackend(store, "r"), 1, 1)
 spec = WorkerSpec(role="trainer", local_world_size=2, rdzv_handler=rdzv,
                   entrypoint=sys.executable, args=("-c", f"import time; time.sleep({seconds})"),
-                  max_restarts=0, monitor_interval=0.1)
+                  max_restarts=0, monitor_interval=interval)
 agent = LocalElasticAgent(spec, DefaultLogsSpecs(log_dir=os.path.join(jd, "tlogs")))
-window = {}
+t_start = time.monotonic()
+in_window = [False]
 
-def drain_state():
-    if mode == "off":
-        return 0.0, 0
+def drain_ns():
+    if tel is None:
+        return 0
     with open(f"/proc/self/task/{tel.metrics._thread.native_id}/schedstat") as fh:
-        return int(fh.read().split()[0]) / 1e9, tel.metrics.drained
+        return int(fh.read().split()[0])
 
-def sample():  # steady state: from `warmup` s after the start to 1 s before the workers end
-    t0 = time.monotonic()
-    time.sleep(warmup)
-    window["drain0"], window["drained0"] = drain_state()
-    window["ev0"] = events_ns[0]
-    window["cpu0"], window["t0"] = time.process_time(), time.monotonic()
-    time.sleep(max(0.0, seconds - 1.0 - (time.monotonic() - t0)))
-    window["cpu1"], window["t1"] = time.process_time(), time.monotonic()
-    window["drain1"], window["drained1"] = drain_state()
-    window["ev1"] = events_ns[0]
+# A/B agent: time torch's per-tick put_metric calls; switch handlers every ab_block ticks.
+ab = {"ours": [], "null": []}  # per-tick CPU of the put_metric calls (ns), inside the window
+if mode == "ab":
+    import torch.distributed.elastic.agent.server.api as agent_api
+    import torch.distributed.elastic.metrics.api as metrics_api
 
-threading.Thread(target=sample, daemon=True).start()
-cpu0, wall0 = time.process_time(), time.monotonic()
+    put = metrics_api.put_metric
+    null = torch_metrics.NullMetricHandler()
+    st = {"arm": "ours", "tick_ns": 0, "ticks": 0}
+    clock = time.thread_time_ns
+
+    def timed_put(name, value, group="torchelastic"):
+        t = clock()
+        put(name, value, group)
+        st["tick_ns"] += clock() - t
+        if name.startswith("workers.") and not name.endswith(".remaining_restarts"):
+            end_of_tick()
+
+    def end_of_tick():  # torch's last put_metric of a tick: its worker-group state
+        st["ticks"] += 1
+        if st["ticks"] > 2 and in_window[0]:  # not the 2 ticks after a switch
+            ab[st["arm"]].append(st["tick_ns"])
+        st["tick_ns"] = 0
+        if st["ticks"] == ab_block:
+            st["ticks"] = 0
+            st["arm"] = "null" if st["arm"] == "ours" else "ours"
+            torch_metrics.configure(null if st["arm"] == "null" else tel.metrics.queue)
+
+    metrics_api.put_metric = timed_put  # @prof's calls
+    agent_api.put_metric = timed_put  # the agent loop's own
+
+w = {}
+def snap(tag):
+    w["cpu" + tag], w["t" + tag] = time.process_time_ns(), time.monotonic()
+    w["drain" + tag], w["ev" + tag] = drain_ns(), events_ns[0]
+    w["drained" + tag] = tel.metrics.drained if tel is not None else 0
+
+def sampler():
+    time.sleep(max(0.0, warmup - 1.0 - (time.monotonic() - t_start)))
+    if tel is not None:
+        tel.flush()  # file created, first lines written: the window sees only what repeats
+    time.sleep(max(0.0, warmup - (time.monotonic() - t_start)))
+    snap("0")
+    in_window[0] = True
+    time.sleep(max(0.0, window - (time.monotonic() - w["t0"])))
+    in_window[0] = False
+    snap("1")
+
+threading.Thread(target=sampler, daemon=True).start()
+cpu0 = time.process_time_ns()
 state = agent.run().state.name
-cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-span = window["t1"] - window["t0"]
-out = {"state": state, "cpu_s": cpu, "wall_s": wall,
-       "steady_cpu_per_s": (window["cpu1"] - window["cpu0"]) / span}
-if mode != "off":
-    out["drain_cpu_s"] = drain_state()[0]  # before close(), which drains once more
-    out["events_cpu_s"] = events_ns[0] / 1e9
-    drained = window["drained1"] - window["drained0"]
-    out["steady_drain_s_per_sample"] = (
-        (window["drain1"] - window["drain0"]) / drained if drained else None)
-    out["steady_events_cpu_per_s"] = (window["ev1"] - window["ev0"]) / 1e9 / span
+out = {"mode": mode, "state": state, "install_ms": install_cpu / 1e6}
+if tel is not None:
+    out["drain_run_ms"] = drain_ns() / 1e6
+    out["events_run_ms"] = events_ns[0] / 1e6
+    out["metric_calls"] = tel.metrics.drained + len(tel.metrics.queue) // 4
+    t = time.thread_time_ns()
     tel.close()
-    node = os.path.join(jd, "nodes", "n0")
-    ev = list(read_jsonl(os.path.join(node, "events.jsonl")))
-    me = list(read_jsonl(os.path.join(node, "metrics.jsonl")))
-    out["lines"] = [len(ev), len(me)]
-    out["metric_calls"] = sum(m.get("count", 1) for m in me)
-    out["event_calls"] = len(ev) + sum(e.get("suppressed", 0) for e in ev)
-    out["metric_calls_per_s"] = out["metric_calls"] / wall
+    out["close_ms"] = (time.thread_time_ns() - t) / 1e6
+out["run_cpu_ms"] = (time.process_time_ns() - cpu0) / 1e6
+span = w["t1"] - w["t0"]
+out["steady_us_s"] = (w["cpu1"] - w["cpu0"]) / 1e3 / span
+if tel is not None:
+    out["drain_us_s"] = (w["drain1"] - w["drain0"]) / 1e3 / span
+    out["events_us_s"] = (w["ev1"] - w["ev0"]) / 1e3 / span
+    out["samples_per_s"] = (w["drained1"] - w["drained0"]) / span
+if mode == "ab":
+    out["ab_ticks"] = [len(ab["ours"]), len(ab["null"])]
+    out["ab_tick_us"] = {k: statistics.mean(v) / 1e3 for k, v in ab.items()}
 print(json.dumps(out))
 """
 
-MODES = {
-    "off": "telemetry off",
-    "on": "telemetry on (default install)",
-    "on+rdzv": "on + torch_rdzv_events=True",
-}
+
+def agent_args(jobdir: str, mode: str, args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-c", _AGENT, jobdir, mode, str(args.warmup), str(args.seconds),
+            str(args.monitor_interval), args.rdzv, str(args.ab_block), str(REPO),
+            str(int(args.torch_rdzv_events)), str(args.drain_interval)]
 
 
-def agent_run(mode: str, seconds: float, warmup: float) -> dict:
-    with tempfile.TemporaryDirectory() as jd:
-        proc = subprocess.run(
-            [sys.executable, "-c", _AGENT, jd, mode, str(seconds), str(REPO), str(warmup)],
-            capture_output=True, text=True, timeout=seconds + 120,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_round(modes: Sequence[str], args: argparse.Namespace) -> list[dict]:
+    """Start one agent per mode at once; wait for all; their results in ``modes`` order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, mode in enumerate(modes):
+            jd = os.path.join(tmp, f"a{i}")
+            procs.append(subprocess.Popen(agent_args(jd, mode, args), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=args.warmup + args.seconds + 180)
+            if proc.returncode != 0:
+                raise RuntimeError(err[-3000:])
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def _mean(runs: list[dict], mode: str, key: str) -> float:
+    return statistics.mean(r[key] for r in runs if r["mode"] == mode)
+
+
+def _ratio(runs: list[dict], key: str, a: str, b: str) -> float:
+    return _mean(runs, a, key) / _mean(runs, b, key)
+
+
+def _pair_ratio(runs: list[dict], mode: str, key: str) -> float:
+    """First / second agent of the same mode in a round: the noise floor of the on/off ratio."""
+    vals = [r[key] for r in runs if r["mode"] == mode]
+    return vals[0] / vals[1]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * (x - 1):+.1f} %"
+
+
+def _spread(xs: list[float]) -> str:
+    return f"{_pct(statistics.median(xs))} ({_pct(min(xs))} .. {_pct(max(xs))})"
+
+
+def report_agents(rounds: list[list[dict]], args: argparse.Namespace) -> None:
+    print(f"\n## Agent CPU: LocalElasticAgent, 2 sleeping workers, {args.rdzv} rendezvous, "
+          f"monitor_interval {args.monitor_interval} s; {len(rounds)} rounds of "
+          f"{' + '.join(ROUND)} agents at once, steady window {args.seconds:.0f} s\n")
+    print("| round | off: steady us/s (each) | on: steady us/s (each) | on/off | on/on | off/off "
+          "| whole run ms: off | on | on/off |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, runs in enumerate(rounds):
+        each = {m: ", ".join(f"{r['steady_us_s']:.0f}" for r in runs if r["mode"] == m)
+                for m in ("off", "on")}
+        whole = {m: ", ".join(f"{r['run_cpu_ms']:.1f}" for r in runs if r["mode"] == m)
+                 for m in ("off", "on")}
+        print(f"| {i + 1} | {each['off']} | {each['on']} | "
+              f"{_pct(_ratio(runs, 'steady_us_s', 'on', 'off'))} | "
+              f"{_pct(_pair_ratio(runs, 'on', 'steady_us_s'))} | "
+              f"{_pct(_pair_ratio(runs, 'off', 'steady_us_s'))} | {whole['off']} | {whole['on']} | "
+              f"{_pct(_ratio(runs, 'run_cpu_ms', 'on', 'off'))} |")
+    allruns = [r for runs in rounds for r in runs]
+    steady = [_ratio(runs, "steady_us_s", "on", "off") for runs in rounds]
+    whole = [_ratio(runs, "run_cpu_ms", "on", "off") for runs in rounds]
+    floor = [abs(_pair_ratio(runs, m, "steady_us_s") - 1) for runs in rounds for m in ("on", "off")]
+    print(f"\non/off, steady state, median (min .. max) over rounds: {_spread(steady)}; pooled "
+          f"over all runs: {_pct(_ratio(allruns, 'steady_us_s', 'on', 'off'))}")
+    print(f"on/off, whole run: {_spread(whole)}; pooled: "
+          f"{_pct(_ratio(allruns, 'run_cpu_ms', 'on', 'off'))}")
+    print(f"noise floor: |on/on - 1| and |off/off - 1| of the same rounds, median "
+          f"{100 * statistics.median(floor):.1f} %, max {100 * max(floor):.1f} %")
+
+
+def report_ab(rounds: list[list[dict]]) -> float:
+    """The A/B agents' table; returns the extra CPU per tick of our emit (median over agents)."""
+    abs_ = [r for runs in rounds for r in runs if r["mode"] == "ab"]
+    per_tick = [r["ab_tick_us"]["ours"] - r["ab_tick_us"]["null"] for r in abs_]
+    print("\n### A/B agents: torch's per-tick put_metric calls, our handler vs torch's null "
+          "handler, ticks interleaved in one process\n")
+    print("| round | ticks (ours, null) | CPU per tick: null | ours | extra per tick |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for i, r in enumerate(abs_):
+        t = r["ab_tick_us"]
+        print(f"| {i + 1} | {r['ab_ticks'][0]}, {r['ab_ticks'][1]} | {t['null']:.2f} us | "
+              f"{t['ours']:.2f} us | {t['ours'] - t['null']:+.2f} us |")
+    extra = statistics.median(per_tick)
+    print(f"\nextra CPU of our emit per tick ({len(PER_TICK)} put_metric calls), median over A/B "
+          f"agents: {extra:+.2f} us (range {min(per_tick):+.2f} .. {max(per_tick):+.2f})")
+    return extra
+
+
+def report_accounting(rounds: list[list[dict]], extra_tick_us: float) -> None:
+    """Telemetry's own CPU, measured in the 'on' agents, against the 'off' agents' CPU."""
+    allruns = [r for runs in rounds for r in runs]
+    ons = [r for r in allruns if r["mode"] == "on"]
+    base = statistics.mean(r["steady_us_s"] for r in allruns if r["mode"] == "off")
+    drain = statistics.mean(r["drain_us_s"] for r in ons)
+    events = statistics.mean(r["events_us_s"] for r in ons)
+    rate = statistics.mean(r["samples_per_s"] for r in ons)
+    appends = rate / len(PER_TICK) * extra_tick_us
+    total = drain + events + appends
+    print("\n### Telemetry's own CPU, steady state, measured directly (mean of the 'on' agents)"
+          "\n")
+    print("| metric samples/s | drain thread | event handler | appends (ticks/s x extra per "
+          "tick) | total | agent CPU (off) | share |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {rate:.1f} | {drain:.2f} us/s | {events:.2f} us/s | {appends:.2f} us/s | "
+          f"{total:.2f} us/s | {base:.0f} us/s | {100 * total / base:.2f} % |")
+    shares = [(r["drain_us_s"] + r["events_us_s"] + r["samples_per_s"] / len(PER_TICK)
+               * extra_tick_us) / base for r in ons]
+    print(f"\nshare per 'on' agent: {', '.join(f'{100 * x:.2f} %' for x in shares)}")
+
+    run_base = statistics.mean(r["run_cpu_ms"] for r in allruns if r["mode"] == "off")
+    parts = {k: statistics.mean(r[k] for r in ons)
+             for k in ("drain_run_ms", "events_run_ms", "close_ms", "metric_calls", "install_ms")}
+    run_appends = parts["metric_calls"] / len(PER_TICK) * extra_tick_us / 1e3
+    run_total = parts["drain_run_ms"] + parts["events_run_ms"] + parts["close_ms"] + run_appends
+    print("\n### Telemetry's own CPU, whole run (agent.run() + close(), mean of the 'on' agents)\n")
+    print("| drain thread | event handler | close() (flush, fsync) | appends | total | agent CPU "
+          "(off) | share | not in the run: import + install() |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {parts['drain_run_ms']:.2f} ms | {parts['events_run_ms']:.2f} ms | "
+          f"{parts['close_ms']:.2f} ms | {run_appends:.2f} ms | {run_total:.2f} ms | "
+          f"{run_base:.1f} ms | {100 * run_total / run_base:.2f} % | "
+          f"{parts['install_ms']:.1f} ms |")
+
+
+def install_default(name: str) -> float:
+    """A default of ``telemetry.install``, so that the benchmark follows the product's."""
+    from hpc_elastic.telemetry.wiring import install
+
+    return float(inspect.signature(install).parameters[name].default)
 
 
 def main() -> None:
+    from hpc_elastic.config import JobConfig
+
+    default_interval = JobConfig.__dataclass_fields__["monitor_interval"].default
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="calls per micro benchmark")
     ap.add_argument("--ticks", type=int, default=300, help="paired cold ticks in part 1")
-    ap.add_argument("--seconds", type=float, default=70.0,
-                    help="length of one agent run (> 2 metric drains of 30 s for the steady "
-                    "state)")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds of agent runs (one per mode)")
-    ap.add_argument("--warmup", type=float, default=5.0,
+    ap.add_argument("--seconds", type=float, default=60.0,
+                    help="steady-state window of each agent (a multiple of the metric drain "
+                    "interval, so that every window holds the same number of drains)")
+    ap.add_argument("--repeats", type=int, default=4,
+                    help=f"rounds of agent runs ({len(ROUND)} agents at once: {', '.join(ROUND)})")
+    ap.add_argument("--warmup", type=float, default=8.0,
                     help="seconds after the start before the steady-state window opens")
+    ap.add_argument("--monitor-interval", type=float, default=default_interval,
+                    help="the agents' monitor_interval (hpc_elastic's default; torch's is 0.1)")
+    ap.add_argument("--rdzv", choices=("sharedfs", "c10d"), default="sharedfs",
+                    help="rendezvous: hpc_elastic's (default) or torch's c10d over a TCPStore")
+    ap.add_argument("--torch-rdzv-events", action="store_true",
+                    help="install(torch_rdzv_events=True) (with --rdzv c10d: torch's own "
+                    "rendezvous events, ~1 ms of torch's CPU each)")
+    ap.add_argument("--drain-interval", type=float,
+                    default=install_default("metric_drain_interval_s"),
+                    help="install(metric_drain_interval_s=...) of the 'on' and A/B agents")
+    ap.add_argument("--ab-block", type=int, default=10,
+                    help="ticks per handler switch in the A/B agents")
     args = ap.parse_args()
 
-    results, cold_extra_us = micro(args.n, args.ticks)
+    results = micro(args.n, args.ticks)
     print(f"## Telemetry micro benchmark ({args.n} calls each, local disk)\n")
     print("| path | us per call |\n| --- | ---: |")
     for name, us in results.items():
         print(f"| {name} | {us:.2f} |")
 
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    for _ in range(args.repeats):
-        for mode in MODES:  # interleaved, so slow drifts of the machine hit every mode
-            runs[mode].append(agent_run(mode, args.seconds, args.warmup))
-
-    def mean(mode: str, key: str) -> float:
-        return statistics.mean(r[key] for r in runs[mode])
-
-    def each(mode: str, key: str, scale: float, fmt: str = ".1f") -> str:
-        return ", ".join(f"{r[key] * scale:{fmt}}" for r in runs[mode])
-
-    print(f"\n## Agent CPU: LocalElasticAgent, 2 workers, {args.seconds:.0f} s runs, "
-          f"monitor_interval 0.1 s, torch dynamic rendezvous (c10d), {args.repeats} rounds\n")
-    print("| mode | whole run: agent CPU, ms (each run) | vs off | steady state: agent CPU "
-          "ms/s (each run) | vs off |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for mode, label in MODES.items():
-        row = [label, f"{mean(mode, 'cpu_s') * 1e3:.1f} ({each(mode, 'cpu_s', 1e3)})", "",
-               f"{mean(mode, 'steady_cpu_per_s') * 1e3:.2f} "
-               f"({each(mode, 'steady_cpu_per_s', 1e3, '.2f')})", ""]
-        if mode != "off":
-            for col, key in ((2, "cpu_s"), (4, "steady_cpu_per_s")):
-                row[col] = f"{100 * (mean(mode, key) / mean('off', key) - 1):+.1f} %"
-        print("| " + " | ".join(row) + " |")
-
-    base = mean("off", "cpu_s")
-    print("\n### Telemetry's own CPU, whole run (per run, mean; includes one-time start-up)\n")
-    print("| mode | metric calls | drain thread | event calls | event handler | queue appends "
-          f"(x {cold_extra_us:.2f} us) | total | of agent CPU (off) | lines (events, metrics) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode in ("on", "on+rdzv"):
-        calls = mean(mode, "metric_calls")
-        drain, events = mean(mode, "drain_cpu_s"), mean(mode, "events_cpu_s")
-        appends = calls * cold_extra_us / 1e6
-        total = drain + events + appends
-        lines = ", ".join(str(x) for x in runs[mode][0]["lines"])
-        print(f"| {MODES[mode]} | {calls:.0f} | {drain * 1e3:.2f} ms | "
-              f"{mean(mode, 'event_calls'):.0f} | {events * 1e3:.2f} ms | {appends * 1e3:.2f} ms | "
-              f"{total * 1e3:.2f} ms | {100 * total / base:.2f} % | {lines} |")
-
-    steady_base = mean("off", "steady_cpu_per_s")
-    print("\n### Telemetry's own CPU, steady state (the part that grows with the run)\n")
-    print("| mode | metric calls/s | drain, us per sample | drain | event handler | appends | "
-          "total | of agent CPU (off) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for mode in ("on", "on+rdzv"):
-        rate = mean(mode, "metric_calls_per_s")
-        if any(r["steady_drain_s_per_sample"] is None for r in runs[mode]):
-            print(f"| {MODES[mode]} | no drain in the window: use --seconds > 65 | | | | | | |")
-            continue
-        per_sample = mean(mode, "steady_drain_s_per_sample")
-        drain = rate * per_sample
-        events = mean(mode, "steady_events_cpu_per_s")
-        appends = rate * cold_extra_us / 1e6
-        total = drain + events + appends
-        print(f"| {MODES[mode]} | {rate:.1f} | {per_sample * 1e6:.2f} | {drain * 1e6:.1f} us/s | "
-              f"{events * 1e6:.1f} us/s | {appends * 1e6:.1f} us/s | {total * 1e6:.1f} us/s | "
-              f"{100 * total / steady_base:.2f} % |")
+    rounds = []
+    for i in range(args.repeats):
+        modes = ROUND if i % 2 == 0 else ROUND[1::-1] + ROUND[2:]  # alternate who starts first
+        runs = run_round(modes, args)
+        bad = [r for r in runs if r["state"] != "SUCCEEDED"]
+        if bad:
+            raise RuntimeError(f"agent did not succeed: {bad}")
+        rounds.append(runs)
+        print(f"\n(round {i + 1} done, load average {os.getloadavg()[0]:.1f})", flush=True)
+    report_agents(rounds, args)
+    report_accounting(rounds, report_ab(rounds))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import json.encoder
 import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,35 @@ def _finite(obj: Any) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=str)
 
 
+def _c_encoder() -> Callable[[dict[str, Any]], str]:
+    """``_ENCODER.encode`` without its per-call set-up, where json's C encoder exists.
+
+    ``JSONEncoder.encode`` builds a C encoder object, a circular-reference dict and a closure
+    on every call, then runs it; building the C encoder once, with the same options, gives the
+    same text for less (a metric aggregate line: 3.3 -> 2.8 µs warm; the metric drain runs cold,
+    once per 30 s, where fewer Python frames matter more). No circular-reference check: a
+    self-containing value raises RecursionError instead of ValueError, and the writer drops the
+    record with its one warning either way.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _ENCODER.encode
+    encoder = make(None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",",
+                   False, False, False)
+
+    def encode(record: dict[str, Any]) -> str:
+        return "".join(encoder(record, 0))
+
+    return encode
+
+
+_encode = _c_encoder()
+
+
 def encode_line(record: dict[str, Any]) -> bytes:
     """One record as one compact UTF-8 line ending in ``\\n``; unknown objects become ``str``."""
     try:
-        text = _ENCODER.encode(record)
+        text = _encode(record)
     except ValueError:  # a non-finite float somewhere: rare, so pay for the walk only then
         text = _ENCODER.encode(_finite(record))
     return (text + "\n").encode("utf-8", "backslashreplace")

@@ -1,8 +1,8 @@
 """Wiring the file handlers into torch: the one call the agent makes.
 
-``install`` configures our :class:`FileMetricHandler` as torch's default metric handler (every
-group), attaches a :class:`TorchEventHandler` to the ``torchelastic-events-<destination>`` loggers
-and returns a :class:`Telemetry` whose ``events`` is the agent's direct :class:`EventLog`.
+``install`` configures our :class:`FileMetricHandler`'s queue as torch's default metric handler
+(every group), attaches a :class:`TorchEventHandler` to the ``torchelastic-events-<destination>``
+loggers and returns a :class:`Telemetry` whose ``events`` is the agent's direct :class:`EventLog`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _enable_torch_rdzv_events() -> Callable[[], None] | None:
 
 
 class Telemetry:
-    """One agent's telemetry: ``events`` (EventLog), ``metrics`` (the torch MetricHandler)."""
+    """One agent's telemetry: ``events`` (EventLog), ``metrics`` (our MetricHandler; torch calls
+    its ``queue``)."""
 
     def __init__(
         self,
@@ -135,7 +136,8 @@ class Telemetry:
         try:
             for lg in self._loggers:
                 lg.removeHandler(self._handler)
-            if getattr(torch_metrics.api, "_default_metrics_handler", self.metrics) is self.metrics:
+            queue = self.metrics.queue
+            if getattr(torch_metrics.api, "_default_metrics_handler", queue) is queue:
                 torch_metrics.configure(torch_metrics.NullMetricHandler())
             if self._undo_rdzv is not None:
                 self._undo_rdzv()
@@ -161,7 +163,7 @@ def install(
     *,
     job_id: str,
     attempt: int = 0,
-    metric_interval_s: float = 10.0,
+    metric_interval_s: float = 30.0,
     metric_change_gap_s: float = 1.0,
     metric_burst: int = 5,
     metric_drain_interval_s: float = 30.0,
@@ -190,7 +192,8 @@ def install(
         interval_s=metric_interval_s, change_gap_s=metric_change_gap_s, burst=metric_burst,
         drain_interval_s=metric_drain_interval_s,
     )
-    torch_metrics.configure(metric_handler)
+    # torch calls the queue itself, not the handler: see metrics.SampleQueue for why.
+    torch_metrics.configure(metric_handler.queue)  # type: ignore[arg-type]
     handler = TorchEventHandler(events)
     loggers = []
     for dest in dict.fromkeys(event_destinations):
