@@ -234,6 +234,13 @@ def build(job: Job) -> JobModel:
             r = rounds[key] = Round(attempt=key[0], step=key[1], round=key[2])
         return r
 
+    def add_failure(rec: dict[str, Any], key: tuple[int, int, int] | None, t: float) -> None:
+        failures.append(_failure(rec, key))
+        if key is not None:
+            r = get_round(key)
+            if r.first_failure is None or t < r.first_failure:
+                r.first_failure = t
+
     for node in nodes:
         h = health[node] = NodeHealth(node)
         current: dict[int, tuple[int, int, int]] = {}  # attempt -> round key the node is in
@@ -340,12 +347,7 @@ def build(job: Job) -> JobModel:
                 if fkey in seen_failures:
                     continue
                 seen_failures.add(fkey)
-                key = current.get(attempt)
-                failures.append(_failure(rec, key))
-                if key is not None:
-                    r = get_round(key)
-                    if r.first_failure is None or t < r.first_failure:
-                        r.first_failure = t
+                add_failure(rec, current.get(attempt), t)
             elif kind == "agent.failed":
                 key = current.get(attempt)
                 for f in rec.get("failures") or []:
@@ -362,11 +364,7 @@ def build(job: Job) -> JobModel:
                     if fkey in seen_failures or dup:
                         continue
                     seen_failures.add(fkey)
-                    failures.append(_failure(merged, key))
-                    if key is not None:
-                        r = get_round(key)
-                        if r.first_failure is None or t < r.first_failure:
-                            r.first_failure = t
+                    add_failure(merged, key, t)
             elif kind == "preemption.signal":
                 preemptions.append({"time": t, "node": node, "attempt": attempt,
                                     "signal": rec.get("signal")})
