@@ -21,7 +21,7 @@ from hpc_elastic.analysis import Job
 from hpc_elastic.analysis.summary import summarize
 from hpc_elastic.jobdir import JobDir, jobdirs_under
 from hpc_elastic.local import AGENTS_FILE
-from hpc_elastic.members import LEAD, read_members
+from hpc_elastic.members import read_members, spans_jobs
 from hpc_elastic.submit import Submission, read_submission
 
 
@@ -64,7 +64,7 @@ class JobStatus:
             f"  rounds      {d['rounds']}   restarts {d['restarts']}   attempts {d['attempts']}",
             "  last failure " + (_failure_line(last) if last else "-"),
         ]
-        if len(self.members) > 1 or any(m["kind"] != LEAD for m in self.members):
+        if spans_jobs([m["kind"] for m in self.members]):
             lines.append("  jobs of the run:")
             lines += [f"    {m['job_id']:<10} {m['kind']:<6} nodes {m['nodes']:<5} {m['state']}"
                       for m in self.members]
@@ -102,28 +102,25 @@ def queue_state(submission: Submission | None, jobdir: JobDir) -> str:
         return "unknown (no submission.json: started by hand?)"
     if submission.mode == "local":
         return "RUNNING" if local_agent_pids(jobdir) else "ENDED"
+    return slurm_job_state(submission.job_id)
+
+
+def slurm_job_state(job_id: str) -> str:
+    """squeue (live), then sacct (after the end), then a plain explanation."""
     if not slurm.slurm_available():
         return "unknown (Slurm's commands are not on PATH here)"
-    live = slurm.queue_state(submission.job_id)
-    if live:
-        return live
-    final = slurm.accounting_state(submission.job_id)
-    return final or "left the queue (sacct has no record: accounting off or lagging)"
+    return (slurm.job_state(job_id)
+            or "left the queue (sacct has no record: accounting off or lagging)")
 
 
 def job_status(jobdir: JobDir) -> JobStatus:
     submission = read_submission(jobdir)
+    state = queue_state(submission, jobdir)
+    lead = submission.job_id if submission else None
     members = [{"job_id": m.job_id, "kind": m.kind, "nodes": m.nodes, "tasks": m.tasks,
-                "state": _member_state(m.job_id, submission, jobdir)}
+                "state": state if m.job_id == lead else slurm_job_state(m.job_id)}
                for m in read_members(jobdir)]
-    return JobStatus(jobdir, submission, queue_state(submission, jobdir), summarize(Job(jobdir)),
-                     members)
-
-
-def _member_state(job_id: str, submission: Submission | None, jobdir: JobDir) -> str:
-    if submission is not None and job_id == submission.job_id:
-        return queue_state(submission, jobdir)
-    return queue_state(Submission("slurm", job_id, 0.0, ""), jobdir)
+    return JobStatus(jobdir, submission, state, summarize(Job(jobdir)), members)
 
 
 def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:

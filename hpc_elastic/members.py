@@ -41,6 +41,12 @@ class MemberJob:
         return {"v": 1, **asdict(self)}
 
 
+def spans_jobs(kinds: list[str]) -> bool:
+    """Whether a run with members of these kinds is more than its one lead job: only then do
+    ``status`` and ``logs summary`` show its jobs."""
+    return len(kinds) > 1 or any(kind != LEAD for kind in kinds)
+
+
 def record_member(jobdir: JobDir, member: MemberJob) -> None:
     jobdir.members.mkdir(exist_ok=True)
     write_atomic(jobdir.member(member.job_id), json.dumps(member.to_json(), indent=2) + "\n")

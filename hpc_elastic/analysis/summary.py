@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpc_elastic.jobdir import JobDir
-from hpc_elastic.members import ARRAY, LEAD, read_members
+from hpc_elastic.members import ARRAY, read_members, spans_jobs
 
 from .fmt import dur, footer, iso
 from .loader import Job
@@ -177,7 +177,8 @@ def render(s: dict[str, Any]) -> str:
                f"({s['restarts_after_failure']} after a failure)  failures {s['failures_count']}"
                f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
     jobs = s.get("jobs") or []
-    if len(jobs) > 1 or any(j["kind"] != LEAD for j in jobs):
+    several_jobs = spans_jobs([j["kind"] for j in jobs])
+    if several_jobs:
         out.append("jobs of the run:")
         for j in jobs:
             what = (f"array of {j['array_tasks']}" if j["kind"] == ARRAY
@@ -196,8 +197,7 @@ def render(s: dict[str, Any]) -> str:
         out.extend(f"  {_root_line(c, s['failures'])}" for c in s["root_causes"])
     out.append("node health:")
     for h in s["node_health"]:
-        job = f"  (job {h['job_id']})" if len(jobs) > 1 or any(
-            j["kind"] != LEAD for j in jobs) else ""
+        job = f"  (job {h['job_id']})" if several_jobs else ""
         out.append(f"  {h['node']:<16} {h['ended']:<9} last {h['last_kind'] or '-'} at "
                    f"{iso(h['last_event'])}{job}")
     foot = footer(s["notes"])
