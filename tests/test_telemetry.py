@@ -251,16 +251,18 @@ def test_cycle_of_a_steady_batch_is_found_else_sorted(tmp_path):
 
 
 def test_default_window_is_the_drain_period(tmp_path):
-    """A per-tick series gets one aggregate line per 30 s window (it was 10 s)."""
-    h = metric_handler(tmp_path / "m.jsonl", drain_interval_s=1e9)
-    assert h.interval_s == 30.0
-    for i in range(191):  # 95 s of 0.5 s ticks
+    """A per-tick series gets one aggregate line per window; the window is the drain's period."""
+    default = metric_handler(tmp_path / "d.jsonl")
+    assert default.interval_s == default.drain_interval_s == 120.0
+    default.close()
+    h = metric_handler(tmp_path / "m.jsonl", drain_interval_s=1e9, interval_s=60.0)
+    for i in range(300):  # 150 s of 0.5 s ticks
         h.emit(MetricData(1000.0 + i * 0.5, "torchelastic", "workers.trainer.healthy", 1))
     h.close()
     got = lines(tmp_path / "m.jsonl")
-    assert [ln.get("count", 1) for ln in got] == [1, 60, 60, 60, 10]
-    assert [ln["time"] for ln in got[:4]] == [1000.0, 1030.0, 1060.0, 1090.0]
-    assert got[1]["since"] == 1000.5 and got[1]["sum"] == 60
+    assert [ln.get("count", 1) for ln in got] == [1, 120, 120, 59]
+    assert [ln["time"] for ln in got[:3]] == [1000.0, 1060.0, 1120.0]
+    assert got[1]["since"] == 1000.5 and got[1]["sum"] == 120
 
 
 def test_non_numeric_and_non_finite_values(tmp_path):

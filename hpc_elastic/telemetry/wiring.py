@@ -163,10 +163,10 @@ def install(
     *,
     job_id: str,
     attempt: int = 0,
-    metric_interval_s: float = 30.0,
+    metric_interval_s: float | None = None,
     metric_change_gap_s: float = 1.0,
     metric_burst: int = 5,
-    metric_drain_interval_s: float = 30.0,
+    metric_drain_interval_s: float = 120.0,
     event_destinations: Iterable[str] = DEFAULT_DESTINATIONS,
     torch_rdzv_events: bool = False,
 ) -> Telemetry:
