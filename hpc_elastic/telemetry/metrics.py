@@ -129,9 +129,9 @@ class SampleQueue(list[Any]):
     interpreter specialises the call site to a direct C call, and the ``MetricData`` tuple is freed
     at once, as with torch's null handler. Measured in a real agent (the A/B agent of
     benchmarks/bench_telemetry.py, 4 ``put_metric`` calls per tick, against torch's
-    ``NullMetricHandler``): +0.1 to +2.2 µs per tick like this (median of 4 agents, in 4 runs
-    of the benchmark; the samples stay alive until the drain, where torch's null handler frees
-    them at once); +2.8 µs with the bound
+    ``NullMetricHandler``): +0.1 to +2.2 µs per tick like this (the median of 4 agents, in each
+    of five runs of the benchmark; the samples stay alive until the drain, where torch's null
+    handler frees them at once); +2.8 µs with the bound
     ``extend`` stored on the handler instance, +4.7 µs with the bound ``__iadd__`` there (an
     instance attribute shadowing a method: no specialisation, and a cold instance dict and
     bound-method object on every call). The queue is flat (``[t0, g0, n0, v0, t1, ...]``), which
