@@ -42,7 +42,7 @@ from types import FrameType
 from hpc_elastic.identity import RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
-from hpc_elastic.slurm import SlurmError, run_slurm
+from hpc_elastic.slurm import SlurmError, cancel, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
 
@@ -233,7 +233,9 @@ def _cancel_members(jobdir: JobDir, own_job_id: str, pending_only: bool = False)
     others = [m.job_id for m in read_members(jobdir) if m.kind != LEAD and m.job_id != own_job_id]
     if not others:
         return
-    which = ("--state=PENDING",) if pending_only else ()
     print(f"hpc_elastic batch: the lead leaves rendezvous; cancelling member job(s) "
           f"{', '.join(others)}{' that are still pending' if pending_only else ''}", flush=True)
-    _slurm("scancel", *which, *others)
+    try:
+        cancel(*others, pending_only=pending_only)
+    except SlurmError as exc:  # gone already, or Slurm busy: the lead's own end goes on
+        print(f"hpc_elastic batch: {exc}", flush=True)

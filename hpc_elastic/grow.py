@@ -90,13 +90,7 @@ def nodes_in_use(jobdir: JobDir, env: Mapping[str, str] | None = None) -> dict[s
     An array counts its live tasks, one node each."""
     used: dict[str, int] = {}
     for member in read_members(jobdir):
-        try:
-            out = slurm.run_slurm(["squeue", "--noheader", "--jobs", member.job_id,
-                                   "--format=%T %D"], env=env)
-        except slurm.SlurmError:
-            continue  # left the queue
-        count = sum(int(fields[1]) for line in out.splitlines()
-                    if len(fields := line.split()) == 2 and fields[0] in LIVE_STATES)
+        count = slurm.queue_nodes(member.job_id, LIVE_STATES, env)
         if count:
             used[member.job_id] = count
     return used

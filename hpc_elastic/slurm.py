@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 # Slurm job states that will not change any more.
 FINAL_STATES = frozenset({
@@ -57,14 +57,26 @@ def submit_script(script_path: str, env: Mapping[str, str] | None = None) -> str
     return out.split(";")[0]  # "<id>;<cluster>" on federated clusters
 
 
+def _squeue_lines(job_id: str, fmt: str, env: Mapping[str, str] | None) -> list[str]:
+    """squeue's lines for one job (an array: one per task or task range); [] once it left."""
+    try:
+        out = run_slurm(["squeue", "--noheader", "--jobs", job_id, f"--format={fmt}"], env=env)
+    except SlurmError:
+        return []  # "Invalid job id specified" once the job has left the queue
+    return [line for line in out.splitlines() if line.strip()]
+
+
 def queue_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
     """The job's state from squeue, or None when squeue no longer knows it."""
-    try:
-        out = run_slurm(["squeue", "--noheader", "--jobs", job_id, "--format=%T"], env=env)
-    except SlurmError:
-        return None  # "Invalid job id specified" once the job has left the queue
-    states = out.split()
-    return states[0] if states else None
+    lines = _squeue_lines(job_id, "%T", env)
+    return lines[0].split()[0] if lines else None
+
+
+def queue_nodes(job_id: str, states: Collection[str],
+                env: Mapping[str, str] | None = None) -> int:
+    """Nodes the job holds or asks for in the given states (an array: summed over its tasks)."""
+    return sum(int(fields[1]) for line in _squeue_lines(job_id, "%T %D", env)
+               if len(fields := line.split()) == 2 and fields[0] in states)
 
 
 def accounting_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
@@ -84,8 +96,10 @@ def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str | None:
     return queue_state(job_id, env) or accounting_state(job_id, env)
 
 
-def cancel(*job_ids: str, env: Mapping[str, str] | None = None) -> None:
-    run_slurm(["scancel", *job_ids], env=env)
+def cancel(*job_ids: str, pending_only: bool = False,
+           env: Mapping[str, str] | None = None) -> None:
+    """``scancel`` the jobs; ``pending_only``: only those (or their array tasks) not started."""
+    run_slurm(["scancel", *(["--state=PENDING"] if pending_only else []), *job_ids], env=env)
 
 
 def requeue(job_id: str, env: Mapping[str, str] | None = None) -> None:
