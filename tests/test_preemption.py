@@ -247,8 +247,15 @@ def test_slurm_preemption_requeues_once_and_resumes(slurm_cluster: Any, tmp_path
         assert job
         # A requeued job waits ~2 min on BeginTime (Slurm's own rule); start it now.
         slurm_cluster.release(job_id)
-        wait_for("attempt 1 to run", lambda: [e for e in kind_events(jobdir, "workers.started")
-                                              if e["attempt"] == 1], 90)
+
+        def attempt_1_started() -> list[dict[str, Any]]:
+            started = [e for e in kind_events(jobdir, "workers.started") if e["attempt"] == 1]
+            if not started and (state := slurm_cluster.job_state(job_id)) in (
+                    "COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT"):
+                pytest.fail(f"job {job_id} ended {state} before attempt 1 ran")
+            return started
+
+        wait_for("attempt 1 to run", attempt_1_started, 90)
         second_running = time.time()
         state = slurm_cluster.wait_job(job_id, timeout=120)
         logs = "\n".join(p.read_text(errors="replace")[-1500:]

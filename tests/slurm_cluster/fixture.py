@@ -200,8 +200,15 @@ class SlurmCluster:
         raise TimeoutError(f"sacct: job {job_id} still {state} after {timeout} s")
 
     def release(self, job_id: int) -> None:
-        """Let a requeued job start now instead of after its ~2 min BeginTime delay."""
-        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
+        """Let a requeued job start in 2 s instead of after its ~2 min BeginTime delay.
+
+        Not ``StartTime=now``: the requeue revoked the job's credential on its nodes at a
+        time in whole seconds, and slurmd refuses any launch credential made in that same
+        second ("Killing non-startable batch JobId=N: Job credential revoked", the job ends
+        FAILED). A release right after the requeue often falls in that second; Slurm's own
+        BeginTime delay exists for exactly this. Two seconds is past it on any clock tick.
+        """
+        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
 
     # -- nodes ------------------------------------------------------------------------------
     def node_states(self) -> dict[str, str]:
