@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from e2e_helpers import assert_nothing_left, summary_json, summary_text
 from polling import wait_for
+from slurm_cluster.fixture import TERMINAL_STATES
 
 from hpc_elastic.agent.preemption import Preemption, ignores_signal
 from hpc_elastic.jobdir import JobDir
@@ -250,8 +251,7 @@ def test_slurm_preemption_requeues_once_and_resumes(slurm_cluster: Any, tmp_path
 
         def attempt_1_started() -> list[dict[str, Any]]:
             started = [e for e in kind_events(jobdir, "workers.started") if e["attempt"] == 1]
-            if not started and (state := slurm_cluster.job_state(job_id)) in (
-                    "COMPLETED", "FAILED", "CANCELLED", "NODE_FAIL", "TIMEOUT"):
+            if not started and (state := slurm_cluster.job_state(job_id)) in TERMINAL_STATES:
                 pytest.fail(f"job {job_id} ended {state} before attempt 1 ran")
             return started
 
