@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING
 
 from hpc_elastic import __version__
 from hpc_elastic.analysis import cli as analysis_cli
-from hpc_elastic.config import ConfigError, JobConfig
-from hpc_elastic.jobdir import JobDir, find_jobdir
+from hpc_elastic.config import ConfigError
+from hpc_elastic.jobdir import JobDir
 
-if TYPE_CHECKING:  # submitit is imported only by the commands that render scripts
-    from hpc_elastic.sbatch import MemberScript
+if TYPE_CHECKING:  # the API module is imported by the commands that use it
+    from hpc_elastic.api import Job, Outcome
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3  # a job that submit waited for was cancelled
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -40,84 +41,75 @@ class UsageError(Exception):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    import shutil
+    from hpc_elastic import api
 
-    from hpc_elastic import local, slurm, submit
-    from hpc_elastic.config import load_config
-    from hpc_elastic.members import ARRAY, LEAD, MemberJob, record_member
-    from hpc_elastic.sbatch import render_sbatch
-
-    config = load_config(args.job_file, args.set)
-    member = _array_member(args, config)
-    use_local = args.local or not slurm.slurm_available()
-    if use_local and not args.local:
-        print("hpc-elastic: Slurm's sbatch is not on PATH, so the job runs on this machine with "
-              f"{config.max_nodes} simulated node(s) (--local says this on purpose).",
-              file=sys.stderr)
-    jobdir = submit.new_jobdir(config)
+    if args.local and args.slurm:
+        raise UsageError("--local and --slurm contradict each other; give one of them.")
+    config = api.load_config(args.job_file, args.set)
+    local = True if args.local else (False if args.slurm else None)
     if args.dry_run:
-        if use_local:
-            print(f"would run locally: {config.max_nodes} agent(s) x {config.nproc_per_node} "
-                  f"worker(s) of {' '.join(config.entrypoint.command())} in {jobdir.path}")
-        else:
-            print(render_sbatch(config, jobdir, sys.executable, member=member), end="")
+        print(api.dry_run(config, local, args.array), end="")
         return EXIT_OK
-    if use_local and member is not None:
-        raise UsageError("--array needs Slurm: its single-node jobs join as Slurm schedules "
-                         "them. Without --array, --local runs all simulated nodes at once.")
-    if use_local:
-        submit.create_jobdir(config, jobdir)
-        job_id = local.local_job_id(jobdir)
-        submit.write_submission(jobdir, submit.Submission("local", job_id, time.time(),
-                                                          config.name))
-        print(f"job {job_id} runs locally\njob directory: {jobdir.path}", flush=True)
-        code = local.run_local(config, jobdir, job_id)
-        outcome = "succeeded" if code == 0 else f"failed (an agent exited with {code})"
-        print(f"job {job_id} {outcome}\nlogs: {jobdir.path}\n"
-              f"what happened: hpc-elastic logs summary {jobdir.path}", flush=True)
-        return EXIT_OK if code == 0 else EXIT_FAILED
+    job = api.submit(config, local, array=args.array)
+    if job.mode == "local":
+        print(f"job {job.job_id} runs locally\njob directory: {job.jobdir}", flush=True)
+    else:
+        print(f"submitted job {job.job_id}\njob directory: {job.jobdir}", flush=True)
+        if not args.wait:
+            return EXIT_OK
+    return _wait_and_report(job)
 
-    submit.prepare_slurm_job(config, jobdir, member)
+
+def _wait_and_report(job: Job) -> int:
+    """Follow the job to its end; then its outcome, the root cause of its failures (the rest
+    as a count and a pointer), and where to read more. Ctrl-C or SIGTERM cancels the job."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        job_id = slurm.submit_script(str(jobdir.sbatch_script))
-    except slurm.SlurmError as err:
-        shutil.rmtree(jobdir.path)  # only our own fresh files: nothing ran, nothing is lost
-        raise UsageError(f"{err}. Nothing was submitted.") from None
-    now = time.time()
-    submit.write_submission(jobdir, submit.Submission("slurm", job_id, now, config.name))
-    record_member(jobdir, MemberJob(
-        job_id, ARRAY if member else LEAD, "1" if member else config.nodes.replace(":", "-"),
-        now, script=jobdir.sbatch_script.name, tasks=args.array))
-    print(f"submitted job {job_id}\njob directory: {jobdir.path}", flush=True)
-    if not args.wait:
-        return EXIT_OK
-    from hpc_elastic.progress import follow_job
-
-    state = follow_job(job_id, jobdir)
-    print(f"job {job_id} ended: {state}", file=sys.stderr)
-    return EXIT_OK if state == "COMPLETED" else EXIT_FAILED
+        outcome = job.wait(progress=job.mode == "slurm")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\ninterrupted: cancelling job {job.job_id}", file=sys.stderr, flush=True)
+        print(job.cancel(), file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(outcome_report(job, outcome), flush=True)
+    return outcome.exit_code
 
 
-def _array_member(args: argparse.Namespace, config: JobConfig) -> MemberScript | None:
-    """``--array N``: the run starts as N single-node jobs; None without it."""
-    if args.array is None:
-        return None
-    from hpc_elastic.sbatch import MemberScript
-
-    if not config.min_nodes <= args.array <= config.max_nodes:
-        raise UsageError(
-            f"--array {args.array}: the job's nodes are {config.nodes} ({args.job_file}), so an "
-            f"array start needs between {config.min_nodes} tasks (training starts when "
-            f"min_nodes have joined) and {config.max_nodes} (more could never join). "
-            f"Use --array {config.max_nodes}, or change nodes.")
-    return MemberScript(array_tasks=args.array)
+def outcome_report(job: Job, outcome: Outcome) -> str:
+    """What the submitting terminal says at the end (see _wait_and_report)."""
+    lines = [f"job {job.job_id} {outcome.state}"
+             + ("" if outcome.ok else f" ({outcome.detail})")]
+    try:
+        summary = job.summary()
+    except (OSError, ValueError) as err:  # the logs are damaged: the outcome still stands
+        lines.append(f"(no summary: {err})")
+        summary = None
+    if summary is not None and summary.root_causes:
+        roots = summary.root_causes
+        label = "root cause" if len(roots) == 1 else f"root causes ({len(roots)})"
+        recovered = " (recovered)" if outcome.ok else ""
+        lines.append(f"{label}{recovered}:")
+        lines += [f"  {cause.line()}" for cause in roots]
+        secondary = sum(1 for f in summary.failures if not f.root)
+        if secondary:
+            lines.append(f"  + {secondary} secondary failure(s) that followed from it: "
+                         f"hpc-elastic logs failures {job.job_id}")
+    lines.append(f"logs: {job.jobdir}\nwhat happened: hpc-elastic logs summary {job.job_id}")
+    return "\n".join(lines)
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
     from hpc_elastic.grow import GrowRefused, grow
     from hpc_elastic.slurm import SlurmError
 
-    jobdir = _find_job(args)
+    jobdir = JobDir(_find_job(args).jobdir)
     try:
         member = grow(jobdir, args.nodes, args.set, args.config)
     except (GrowRefused, SlurmError) as err:
@@ -134,13 +126,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_agent(args.jobdir)
 
 
-def _find_job(args: argparse.Namespace) -> JobDir:
-    jobdir = find_jobdir(args.job, [Path(args.root)])
-    if jobdir is None:
-        raise UsageError(f"{args.job}: not a job directory, and no job under {args.root} has "
-                         "that id. Give the job directory, or --root with the job file's "
-                         "job_root.")
-    return jobdir
+def _find_job(args: argparse.Namespace) -> Job:
+    """The one JOB lookup of every command (see :meth:`hpc_elastic.api.Job.find`)."""
+    from hpc_elastic.api import Job, JobNotFound
+
+    try:
+        return Job.find(args.job, [args.root] if args.root else None)
+    except JobNotFound as err:
+        raise UsageError(str(err)) from None
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -152,18 +145,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from hpc_elastic.jobs import job_status
-
-    status = job_status(_find_job(args))
-    print(json.dumps(status.as_dict(), indent=2) if args.json else status.render())
+    state = _find_job(args).state()
+    print(json.dumps(state.as_dict(), indent=2) if args.json else state.render())
     return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from hpc_elastic.jobs import cancel_job
-
     try:
-        print(cancel_job(_find_job(args)))
+        print(_find_job(args).cancel())
     except ValueError as err:
         raise UsageError(str(err)) from None
     return EXIT_OK
@@ -172,14 +161,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     import json
 
+    from hpc_elastic import jobindex
+    from hpc_elastic.jobdir import jobdirs_under
     from hpc_elastic.jobs import list_jobs
 
-    rows = list_jobs(Path(args.root))
+    dirs = jobdirs_under(Path(args.root)) if args.root else jobindex.recent_jobdirs()
+    rows = list_jobs(dirs)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        print(f"no jobs under {args.root}")
+        print(f"no jobs under {args.root}" if args.root else
+              f"no recent jobs in {jobindex.index_path()} (--root DIR lists a job root)")
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["submitted_at"] or 0))
         print(f"{when}  {row['job_id'] or '-':<12} {row['mode'] or '-':<6} "
@@ -215,6 +208,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _logs_command(name: str) -> Command:
     def command(args: argparse.Namespace) -> int:
+        args.job = str(_find_job(args).jobdir)
         return analysis_cli.run(name, args)
 
     return command
@@ -233,20 +227,25 @@ _EPILOG = """\
 examples:
   hpc-elastic init --template cpu          write a starter job.yaml
   hpc-elastic submit job.yaml --dry-run    show the batch script, submit nothing
-  hpc-elastic submit job.yaml --local      run on this machine with simulated nodes
-  hpc-elastic logs summary jobs/demo-...   what happened, after the run
+  hpc-elastic submit examples/demo.yaml --local
+                                           the demo: run on this machine, simulated nodes
+  hpc-elastic list                         your recent jobs, newest first, with their ids
+  hpc-elastic logs summary JOB             what happened; JOB is a job id from 'list' (it
+                                           works from any directory) or a job directory
 
-exit codes: 0 ok, 1 the job or a check failed, 2 bad input."""
+exit codes: 0 ok, 1 the job or a check failed, 2 bad input, 3 the job was cancelled,
+130 interrupted (Ctrl-C cancels a job that 'submit' is waiting for)."""
 
 
 def _job_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("job", metavar="JOB", help="a job directory, or a job id found under "
-                        "the job root")
+    parser.add_argument("job", metavar="JOB", help="a job id (or job directory name) from "
+                        "'hpc-elastic list', or a job directory")
 
 
-def _root_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", default="./jobs",
-                        help="the job root to look in (a job file's job_root; default: ./jobs)")
+def _root_arg(parser: argparse.ArgumentParser, what: str = "look for JOB in") -> None:
+    parser.add_argument("--root", metavar="DIR",
+                        help=f"the job root to {what} (a job file's job_root); default: your "
+                        "recent jobs (every submit records its job), then ./jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit a job from a YAML file (Slurm, or --local on this machine)",
         description="Validate JOB_FILE, create the job directory, render the batch script "
         "through submitit and submit it with sbatch (one agent per node). Without Slurm on "
-        "this machine, or with --local, the job runs here with simulated nodes.",
+        "this machine (no sbatch, or no controller answers), or with --local, the job runs "
+        "here with simulated nodes, and submit waits for it. Exit codes after waiting: 0 "
+        "succeeded, 1 failed, 3 cancelled, 130 interrupted (Ctrl-C cancels the job).",
     )
     p.add_argument("job_file", metavar="JOB_FILE", help="the job's YAML file")
     p.add_argument(
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
     p.add_argument("--local", action="store_true", help="run on this machine, nodes simulated")
+    p.add_argument("--slurm", action="store_true",
+                   help="insist on Slurm: fail instead of running locally when no Slurm "
+                   "controller answers")
     p.add_argument(
         "--wait", action="store_true", help="follow the job to its end; exit 0 only on success"
     )
@@ -349,8 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     _root_arg(p)
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("list", help="list the jobs under the job root, newest first")
-    _root_arg(p)
+    p = sub.add_parser(
+        "list", help="list your recent jobs (or those under --root), newest first",
+        description="List jobs newest first with their id, mode, outcome (from each node's last "
+        "event, without asking Slurm) and directory. Without --root: the jobs you submitted "
+        "from this account (recorded in ~/.local/state/hpc_elastic/jobs.jsonl, or under "
+        "$XDG_STATE_HOME), wherever their job_root is.")
+    _root_arg(p, "list")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
 
@@ -369,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         lp = logs_sub.add_parser(name, help=text, description=text.capitalize() + ".")
         _job_arg(lp)
+        _root_arg(lp)
         lp.add_argument("--json", action="store_true", help="machine-readable output")
         analysis_cli.add_arguments(lp, name)
         lp.set_defaults(func=_logs_command(name))
@@ -398,9 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hpc_elastic.api import SubmitError
+
     try:
         return int(args.func(args))
-    except (ConfigError, UsageError) as err:
+    except (ConfigError, UsageError, SubmitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

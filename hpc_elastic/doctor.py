@@ -1,10 +1,10 @@
 """``doctor``: preflight checks before a cluster run, each failure saying what to change.
 
 Checks on this node: the shared directory is writable and supports the file locks the rendezvous
-needs; Slurm's commands exist and accounting answers. Inside an allocation with several nodes
-(``salloc -N3`` then ``hpc-elastic doctor --dir /shared/x``) it also starts one report per node
-with ``srun`` and compares them: every node sees every other node's file, clocks agree within the
-tolerance, and python/torch versions match.
+needs; Slurm's commands exist, a controller answers, and accounting answers. Inside an
+allocation with several nodes (``salloc -N3`` then ``hpc-elastic doctor --dir /shared/x``) it also
+starts one report per node with ``srun`` and compares them: every node sees every other node's
+file, clocks agree within the tolerance, and python/torch versions match.
 """
 
 from __future__ import annotations
@@ -74,6 +74,23 @@ def check_slurm_commands() -> Check:
                      "run on a login node of the cluster (or 'module load slurm'); without "
                      "Slurm, use 'hpc-elastic submit --local'")
     return Check("Slurm commands", True, ", ".join(SLURM_COMMANDS) + " found")
+
+
+def check_controller() -> Check:
+    """A controller must answer: with Slurm's client installed but no configuration (or the
+    controller down), every sbatch fails, and ``submit`` runs jobs locally instead."""
+    from hpc_elastic.slurm import controller_answers
+
+    name = "Slurm controller answers"
+    if shutil.which("scontrol") is None:
+        return Check(name, None, "scontrol not found")
+    answers, said = controller_answers(timeout=15)
+    if answers:
+        return Check(name, True, said)
+    return Check(name, False, f"scontrol ping: {said}",
+                 "on a cluster, run this on a login node (check SLURM_CONF or /etc/slurm/"
+                 "slurm.conf and that slurmctld runs); without a cluster, 'hpc-elastic submit' "
+                 "runs jobs on this machine (as --local does) until a controller answers")
 
 
 def check_accounting() -> Check:
@@ -148,6 +165,10 @@ def run_doctor(directory: Path, clock_tolerance_s: float = 2.0) -> list[Check]:
     checks = [check_writable(directory)]
     checks.append(check_locks(directory) if checks[0].ok else
                   Check("file locks work (rendezvous)", None, "directory not writable"))
-    checks += [check_slurm_commands(), check_accounting()]
+    checks.append(check_slurm_commands())
+    controller = check_controller()
+    checks.append(controller)
+    checks.append(check_accounting() if controller.ok else
+                  Check("Slurm accounting", None, "no Slurm controller answers"))
     checks += check_across_nodes(directory, clock_tolerance_s)
     return checks

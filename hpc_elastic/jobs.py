@@ -12,15 +12,15 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_elastic import slurm
+from hpc_elastic import local, slurm
 from hpc_elastic.analysis import Job
 from hpc_elastic.analysis.summary import summarize
 from hpc_elastic.jobdir import JobDir, jobdirs_under
-from hpc_elastic.local import AGENTS_FILE
 from hpc_elastic.members import read_members, spans_jobs
 from hpc_elastic.submit import Submission, read_submission
 
@@ -81,13 +81,13 @@ def _failure_line(cause: dict[str, Any]) -> str:
 def local_agent_pids(jobdir: JobDir) -> list[int]:
     """PIDs of a local job's agents that are still alive (the launcher records them)."""
     try:
-        pids = json.loads((jobdir.path / AGENTS_FILE).read_text())["pids"]
+        pids = json.loads((jobdir.path / local.AGENTS_FILE).read_text())["pids"]
     except (OSError, ValueError, KeyError):
         return []
-    return [pid for pid in pids if _alive(pid)]
+    return [pid for pid in pids if alive(pid)]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +101,11 @@ def queue_state(submission: Submission | None, jobdir: JobDir) -> str:
     if submission is None:
         return "unknown (no submission.json: started by hand?)"
     if submission.mode == "local":
-        return "RUNNING" if local_agent_pids(jobdir) else "ENDED"
+        if local.read_result(jobdir) is not None:
+            return "ENDED"
+        launcher = local.launcher_pid(jobdir)
+        running = (launcher is not None and alive(launcher)) or local_agent_pids(jobdir)
+        return "RUNNING" if running else "ENDED"
     return slurm_job_state(submission.job_id)
 
 
@@ -142,23 +146,32 @@ def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
             time.sleep(0.5)
         return f"job {', '.join(job_ids)}: scancel sent; {', '.join(live)} still in the queue " \
                f"after {wait_s:g} s"
+    # The launcher records the job as cancelled and stops its agents; without a live launcher
+    # (it was killed), the agents are stopped directly.
+    launcher = local.launcher_pid(jobdir)
+    if local.read_result(jobdir) is not None or launcher is None or not alive(launcher):
+        launcher = None
     pids = local_agent_pids(jobdir)
-    for pid in pids:
+    if launcher is None and not pids:
+        return f"job {submission.job_id}: not running (nothing to cancel)"
+    for pid in [launcher] if launcher is not None else pids:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait_s
-    while local_agent_pids(jobdir) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (local_agent_pids(jobdir) or (
+            launcher is not None and alive(launcher) and local.read_result(jobdir) is None)):
         time.sleep(0.2)
     left = local_agent_pids(jobdir)
     for pid in left:  # the agents had their chance to stop their workers cleanly
         os.kill(pid, signal.SIGKILL)
-    return (f"job {submission.job_id}: stopped {len(pids)} local agent(s)"
+    return (f"job {submission.job_id} cancelled: stopped {len(pids)} local agent(s)"
             + (f", {len(left)} had to be killed" if left else ""))
 
 
-def list_jobs(root: Path) -> list[dict[str, Any]]:
-    """The jobs under ``root``, newest first, with what can be known without asking Slurm."""
+def list_jobs(jobdirs: Path | Iterable[JobDir]) -> list[dict[str, Any]]:
+    """The jobs under a root (or these job directories), newest first, with what can be known
+    without asking Slurm."""
     rows = []
-    for jobdir in jobdirs_under(root):
+    for jobdir in jobdirs_under(jobdirs) if isinstance(jobdirs, Path) else jobdirs:
         submission = read_submission(jobdir)
         rows.append({
             "job_id": submission.job_id if submission else None,

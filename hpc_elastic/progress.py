@@ -59,8 +59,10 @@ class EventsTail:
 
 def follow_job(job_id: str, jobdir: JobDir | None = None, poll_s: float = 1.0,
                out: TextIO = sys.stderr,
-               state_of: Callable[[str], str | None] = slurm.job_state) -> str:
-    """Block until the job reaches a final state; return that state ('UNKNOWN' if it vanished)."""
+               state_of: Callable[[str], str | None] = slurm.job_state,
+               timeout: float | None = None) -> str | None:
+    """Block until the job reaches a final state; return that state ('UNKNOWN' if it vanished),
+    or None when ``timeout`` seconds passed first."""
     started = time.monotonic()
     tail = EventsTail(jobdir) if jobdir is not None else None
     last_shown = ""
@@ -90,4 +92,8 @@ def follow_job(job_id: str, jobdir: JobDir | None = None, poll_s: float = 1.0,
             if out.isatty():
                 out.write("\n")
             return state
+        if timeout is not None and time.monotonic() - started >= timeout:
+            if out.isatty():
+                out.write("\n")
+            return None
         time.sleep(poll_s)

@@ -29,6 +29,29 @@ def slurm_available(env: Mapping[str, str] | None = None) -> bool:
     return shutil.which("sbatch", path=path) is not None
 
 
+def controller_answers(env: Mapping[str, str] | None = None, timeout: float = 10
+                       ) -> tuple[bool, str]:
+    """Whether a Slurm controller answers ``scontrol ping``, and what it said.
+
+    ``sbatch`` on PATH is not enough: after installing Slurm's client packages (the README's test
+    command does) there is no configuration, and every command fails with "Could not establish a
+    configuration source". Slurm's own timeouts apply inside ``timeout``; a controller that does
+    not answer within it counts as not reachable.
+    """
+    try:
+        result = subprocess.run(
+            ["scontrol", "ping"], capture_output=True, text=True, timeout=timeout,
+            env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return False, "scontrol is not on PATH"
+    except subprocess.TimeoutExpired:
+        return False, f"'scontrol ping' did not answer within {timeout:g} s"
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines()
+             if line.strip() and not line.lstrip().startswith("*")]  # scontrol's banner
+    said = "; ".join(lines) or f"exit code {result.returncode}"
+    return result.returncode == 0 and " is UP" in said, said
+
+
 def run_slurm(args: Sequence[str], env: Mapping[str, str] | None = None,
               timeout: float = 60) -> str:
     """Run one Slurm command; return stdout, or raise SlurmError with Slurm's stderr."""

@@ -1,10 +1,15 @@
 """Shared pytest fixtures. Keep each topic in its own section (or its own helper module)."""
 
+# --- Isolation (tests/isolation.py) -----------------------------------------------------------
+# `isolated_slurm_and_state` (autouse, session): SLURM_CONF names an unreachable loopback
+# controller (no DNS lookups by Slurm's commands), XDG_STATE_HOME is private (the job index).
+#
 # --- Slurm test cluster (tests/slurm_cluster/) ------------------------------------------------
 # `slurm_cluster`: session-scoped, a real multi-node Slurm cluster on loopback (SlurmCluster:
 # .env, .nodes, .partition, .state_dir, .sbatch(), .wait_job(), .kill_node(), .heal(), ...).
 # Tests marked @pytest.mark.slurm get it automatically; without a cluster they skip, or fail
 # when CI=true. Details: tests/slurm_cluster/README.md.
+from isolation import isolated_slurm_and_state  # noqa: F401  (fixtures are found by name)
 from slurm_cluster.fixture import (  # noqa: F401  (fixtures are found by name)
     SlurmCluster,
     _slurm_marker_needs_cluster,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,7 +68,7 @@ def test_local_job_status_cancel_and_list(tmp_path: Path) -> None:
     job = subprocess.Popen(
         [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
          "--local", "--set", f"job_root={tmp_path}", "--set", SLOW_TRAINING],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         jobdir = wait_for_training(tmp_path, nodes=2)
         status = json.loads(cli("status", str(jobdir.path), "--json").stdout)
@@ -77,9 +78,12 @@ def test_local_job_status_cancel_and_list(tmp_path: Path) -> None:
         assert len(workers) == 4
 
         t0 = time.monotonic()
-        result = cli("cancel", jobdir.path.name, "--root", str(tmp_path))
+        job_id = json.loads(jobdir.submission.read_text())["job_id"]
+        result = cli("cancel", job_id, cwd=REPO / "docs")  # by id, from anywhere: the index
         assert result.returncode == 0, result.stderr
-        assert job.wait(timeout=60) != 0
+        said, _ = job.communicate(timeout=60)
+        assert job.returncode == 3, said  # the submitting terminal: cancelled, not failed
+        assert f"job {job_id} cancelled" in said and "exited with" not in said
         print(f"cancel -> local job gone in {time.monotonic() - t0:.1f} s")
         assert not [pid for pid in workers if alive(pid)], "workers left behind"
         assert not processes_mentioning(str(jobdir.path)), "agents left behind"
@@ -165,6 +169,28 @@ def test_slurm_job_status_cancel_and_list(slurm_cluster: SlurmCluster, tmp_path:
     second_id = second.stdout.split("submitted job ")[1].split()[0]
     assert [row["job_id"] for row in listing] == [second_id, job_id], "newest first"
     assert [row["outcome"] for row in listing] == ["succeeded", "cancelled"]
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs Slurm's client commands")
+def test_a_slurm_client_without_a_controller_runs_locally_and_doctor_says_why(
+    tmp_path: Path,
+) -> None:
+    # Slurm's real client, configured (tests/isolation.py) with a controller nobody runs: what a
+    # machine looks like after the README's test command installed Slurm's packages.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env["SLURM_CONF"] = os.environ["SLURM_CONF"]
+    submit = ["submit", str(REPO / "examples" / "demo.yaml"), "--set", f"job_root={tmp_path}"]
+    plan = cli(*submit, "--dry-run", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert "no Slurm controller answers" in plan.stderr and "--local" in plan.stderr
+    assert plan.stdout.startswith("would run locally: 2 agent(s) x 2 worker(s)")
+    insist = cli(*submit, "--slurm", env=env)
+    assert insist.returncode == 2 and "Unable to contact slurm controller" in insist.stderr
+    assert "Traceback" not in insist.stderr and not any(tmp_path.iterdir())
+    doctor = cli("doctor", "--dir", str(tmp_path), env=env)
+    assert doctor.returncode == 1
+    assert "[FAIL] Slurm controller answers: scontrol ping: " in doctor.stdout
+    assert "[skip] Slurm accounting: no Slurm controller answers" in doctor.stdout
 
 
 def test_without_slurm_submit_says_so_and_runs_locally(tmp_path: Path) -> None:

@@ -10,23 +10,34 @@ where ``a`` is the Slurm attempt, so nothing is ever overwritten, and it sets
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
+from hpc_elastic.identity import LOCAL_NODE_NAME
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.telemetry.schema import ENV_WORKER_DIR
 
 
 class JobDirLogsSpecs(LogsSpecs):
     """Redirect every worker's stdout/stderr to files, and also tee them to the agent's console
-    so ``srun``'s per-node log (and a terminal in local mode) shows them as they happen."""
+    so ``srun``'s per-node log shows them as they happen.
 
-    def __init__(self, jobdir: JobDir, node: str, attempt: int, tee: bool = True) -> None:
+    In local mode the console is the submitting terminal, shared by every simulated node: only
+    stdout is teed there, because one failure's tracebacks (the root's and every peer's
+    consequences) filled it; the submit command ends with the root cause instead, and the
+    tracebacks are in each rank's ``stderr.log`` (``hpc-elastic logs failures``).
+    """
+
+    def __init__(self, jobdir: JobDir, node: str, attempt: int, tee: bool = True,
+                 tee_stderr: bool | None = None) -> None:
+        if tee_stderr is None:
+            tee_stderr = LOCAL_NODE_NAME not in os.environ
         super().__init__(log_dir=str(jobdir.node(node) / "workers"), redirects=Std.ALL,
-                         tee=Std.ALL if tee else Std.NONE)
+                         tee=(Std.ALL if tee_stderr else Std.OUT) if tee else Std.NONE)
         self._jobdir = jobdir
         self._node = node
         self._attempt = attempt
@@ -53,8 +64,9 @@ class JobDirLogsSpecs(LogsSpecs):
                 self._jobdir.worker_logs(self._node, self._attempt, restart, rank))
             dest.stdouts[local_rank] = str(folder / "stdout.log")
             dest.stderrs[local_rank] = str(folder / "stderr.log")
-            if self._tee == Std.ALL:
+            if self._tee in (Std.ALL, Std.OUT):
                 dest.tee_stdouts[local_rank] = dest.stdouts[local_rank]
+            if self._tee == Std.ALL:
                 dest.tee_stderrs[local_rank] = dest.stderrs[local_rank]
             dest.error_files[local_rank] = str(folder / "error.json")
             env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def _err(msg: str) -> None:
-    sys.stderr.write(f"hpc-elastic logs: {msg}\n")
+    sys.stderr.write(f"error: {msg}\n")  # as every other command says it
 
 
 def run(command: str, args: argparse.Namespace) -> int:
