@@ -1,34 +1,49 @@
-"""The batch step of a Slurm job: start one agent per node with ``srun``, and start them again
-on the surviving nodes when a node is lost.
+"""The batch step of a Slurm job: one ``srun`` step per node, each running that node's agent,
+started and watched here.
 
-Why a supervisor and not a plain ``srun`` line: with ``--no-kill`` Slurm keeps the job's other
-nodes when one fails, but once it marks the node DOWN it kills the running *step* on every node,
-the survivors included (measured on Slurm 22.05: srun rc 137, "Node failure on n2"). The
-survivors' agents would die with it although the allocation still has enough nodes. So when
-``srun`` ends and
+Why one step per node, not one ``srun`` over the allocation: when Slurm marks a node DOWN it
+kills every step that runs on it -- on *all* of that step's nodes (measured on Slurm 22.05 with
+``--no-kill``: srun rc 137 on the survivors, "Node failure on n2"). With one step spanning the
+job, a lost node cost two restarts: the survivors re-formed without it (their rendezvous saw its
+heartbeat stop), and then Slurm killed them too, up to ``SlurmdTimeout`` (300 s by default)
+later. With ``srun --nodes=1 --ntasks=1 --nodelist=<node>`` per node, only the lost node's step
+ends; the survivors' agents re-form once, on their own, and never wait for Slurm to notice.
 
-* no agent of this run logged an outcome (``agent.succeeded`` / ``agent.failed`` /
-  ``agent.preempted``) and no node claimed a requeue,
-* this step lost a node (one of the nodes it ran on is no longer usable), and
-* at least ``min_nodes`` nodes of the allocation are still usable,
+When a node's step ends:
 
-the supervisor launches a new step on the usable nodes. Each step gets a number
-(``HPC_ELASTIC_STEP``) that the agents put into their rendezvous run id, because the previous
-step's rendezvous was abandoned mid-round by SIGKILLed agents and must not be reused. Training
-resumes from the checkpoint, as after any restart. The batch step exits 0 when an agent
-succeeded (even if srun itself reported the lost node's task as failed), else srun's code.
+* its agent logged an outcome (``agent.succeeded`` / ``agent.failed`` / ``agent.preempted``),
+  or another agent of this attempt did, or the job is being stopped (scancel, requeue): nothing
+  is started again. After a success, steps still running get :data:`FINISH_GRACE_S` to end by
+  themselves (a lost node's step ends only when Slurm notices the loss), then they are ended;
+* otherwise the node's agent vanished. If Slurm still counts the node as up and the node was
+  not relaunched before, its step is started again (``HPC_ELASTIC_LAUNCH`` one higher): the new
+  agent joins the running rendezvous like a ``grow`` node. A node that is down, or whose step
+  vanished twice, is *excluded* (hpc_elastic/excluded.py): never used again by the run, and
+  left out of the requeued attempt's allocation;
+* if no step is left running and nothing logged an outcome, every usable node is started again
+  in a new rendezvous *generation* (``HPC_ELASTIC_STEP``; the agents put it into their
+  rendezvous run id, because the dead generation's rendezvous was abandoned mid-round).
+
+Elastic jobs ask for ``--nodes=MIN-MAX`` without ``--ntasks-per-node`` (see sbatch.py), so
+Slurm gives them up to ``max`` free nodes; the supervisor learns which from
+``SLURM_JOB_NODELIST`` and starts an agent on each, except excluded ones.
+
+Everything the supervisor does is also written to ``batch/<job>.attempt-<a>.jsonl`` (one
+writer: this process), which ``logs summary`` counts (step relaunches, excluded nodes).
 
 Runs that span several jobs (docs/elastic-across-jobs.md): the *lead* job's supervisor publishes
-the run's current rendezvous (attempt, step) before each step, and a *member* job's supervisor
-(``grow``, array tasks: ``HPC_ELASTIC_RUN_ID`` is set) starts its agents in it. A member never
-relaunches: its nodes are extra, and the run goes on without them. Whenever the lead leaves its
-rendezvous behind -- it ends, is cancelled, is preempted and requeued, or relaunches after a node
-loss -- it cancels the member jobs, so that members never train on in the old rendezvous side by
-side with the lead. Only after a success are running members left alone: they finish with it.
+the run's current rendezvous (attempt, generation) before it starts agents, and a *member*
+job's supervisor (``grow``, array tasks: ``HPC_ELASTIC_RUN_ID`` is set) starts its agents in
+it. A member never relaunches: its nodes are extra, and the run goes on without them. Whenever
+the lead leaves its rendezvous behind -- it ends, is cancelled, is preempted and requeued, or
+starts a new generation -- it cancels the member jobs, so that members never train on in the old
+rendezvous side by side with the lead. Only after a success are running members left alone:
+they finish with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -36,19 +51,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from hpc_elastic.identity import RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
+from hpc_elastic.config import JobConfig
+from hpc_elastic.excluded import exclude_node, excluded_names
+from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
 from hpc_elastic.slurm import SlurmError, cancel, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
+from hpc_elastic.telemetry.jsonl import JsonlWriter
 
 #: Node states (sinfo ``%t``, without the ``*``/``~``/... suffixes) a new step can run on.
 USABLE_STATES = frozenset({"alloc", "mix", "idle", "comp", "plnd"})
-OUTCOMES = frozenset({"agent.succeeded", "agent.failed", "agent.preempted"})
+#: How one node's agent can end on purpose: an outcome of the run, or stopped from outside
+#: (scancel: ``shutdown``; a member leaving: ``agent.left``). Any other end is a vanished agent.
+NODE_ENDS = ("agent.succeeded", "agent.failed", "agent.preempted", "shutdown", "agent.left")
+#: How often the supervisor looks at its steps.
+POLL_S = 0.5
+#: After training succeeded: how long steps still running may take to end by themselves (a lost
+#: node's step ends only when Slurm marks the node down) before the supervisor ends them.
+FINISH_GRACE_S = 10.0
+#: After SIGTERM to a step's srun (it cancels the step): how long before SIGKILL.
+KILL_AFTER_S = 5.0
+#: Relaunches of one node's step whose agent vanished while the node stayed up; the next such
+#: end excludes the node.
+RELAUNCHES_PER_NODE = 1
 
 
 def _slurm(*args: str) -> str:
@@ -64,17 +96,6 @@ def hostnames(nodelist: str) -> list[str]:
     return _slurm("scontrol", "show", "hostnames", nodelist).split() if nodelist else []
 
 
-def job_nodes(job_id: str, fallback: Sequence[str]) -> list[str]:
-    """The job's nodes now: with ``--no-kill`` Slurm removes a failed node from the job's
-    NodeList, while ``SLURM_JOB_NODELIST`` keeps the nodes the job started with."""
-    for field in _slurm("scontrol", "show", "job", job_id, "--oneliner").split():
-        if field.startswith("NodeList="):
-            nodes = hostnames(field.split("=", 1)[1])
-            if nodes:
-                return nodes
-    return list(fallback)
-
-
 def usable(nodes: Sequence[str]) -> list[str]:
     """The nodes of ``nodes`` that respond and are not down, drained or failing."""
     if not nodes:
@@ -87,44 +108,45 @@ def usable(nodes: Sequence[str]) -> list[str]:
     return [n for n in nodes if states.get(n, "") in USABLE_STATES]
 
 
-def outcome_logged(jobdir: JobDir, attempt: int, since: float) -> str | None:
-    """The outcome an agent of this step logged (``agent.succeeded`` wins), or None."""
+def outcome_logged(jobdir: JobDir, attempt: int, since: float,
+                   nodes: Sequence[str] | None = None,
+                   kinds: Sequence[str] = ("agent.succeeded", "agent.failed", "agent.preempted"),
+                   ) -> str | None:
+    """The first of ``kinds`` (in that order of precedence) that an agent of ``nodes`` (default:
+    any node) logged in ``attempt`` since ``since``, or None."""
     found: set[str] = set()
-    for node in jobdir.node_names():
+    for node in jobdir.node_names() if nodes is None else nodes:
         path = jobdir.events(node)
         if not path.exists():
             continue
         for event in read_jsonl(path):
-            if (event.get("kind") in OUTCOMES and event.get("attempt") == attempt
+            if (event.get("kind") in kinds and event.get("attempt") == attempt
                     and float(event.get("time", 0)) >= since):
                 found.add(event["kind"])
-    for kind in ("agent.succeeded", "agent.failed", "agent.preempted"):
-        if kind in found:
-            return kind
-    return None
+    return next((kind for kind in kinds if kind in found), None)
 
 
-def srun_command(jobdir: JobDir, python: str, step: int, nodes: Sequence[str] | None) -> list[str]:
-    """The srun of one step: one agent per node. Step 0 runs on the whole allocation and writes
-    ``slurm/%j_<node index>_log.out``; later steps name their nodes and their logs."""
+def srun_command(jobdir: JobDir, python: str, node: str, generation: int = 0,
+                 launch: int = 0) -> list[str]:
+    """The srun of one node's agent: a step of its own on exactly that node. Its output goes to
+    ``slurm/<job>_<node>[_s<generation>][_r<launch>]_log.out``."""
     logs = jobdir.slurm_logs
-    stem = "%j_%t" if step == 0 else f"%j_s{step}_%t"
-    command = ["srun", "--unbuffered", "--output", str(logs / f"{stem}_log.out"),
-               "--error", str(logs / f"{stem}_log.err"), "--kill-on-bad-exit=0"]
-    if nodes is not None:
-        command += [f"--nodes={len(nodes)}", f"--ntasks={len(nodes)}", "--ntasks-per-node=1",
-                    f"--nodelist={','.join(nodes)}"]
-    return [*command, python, "-m", "hpc_elastic", "agent", str(jobdir.path)]
+    stem = f"%j_{node}" + (f"_s{generation}" if generation else "") + (
+        f"_r{launch}" if launch else "")
+    return ["srun", "--unbuffered", "--nodes=1", "--ntasks=1", f"--nodelist={node}",
+            "--kill-on-bad-exit=0", "--output", str(logs / f"{stem}_log.out"),
+            "--error", str(logs / f"{stem}_log.err"),
+            python, "-m", "hpc_elastic", "agent", str(jobdir.path)]
 
 
 class _Stop:
-    """SIGTERM/SIGINT to the batch step (scancel, the end of a requeue): pass it to srun and
-    start nothing new.
+    """SIGTERM/SIGINT to the batch step (scancel, the end of a requeue): pass it to every srun
+    and start nothing new.
 
     The preemption signal: a lead's goes to its agents (it is sent to the steps, not to the batch
     shell), so should it reach us it is ignored, never fatal. A member job's goes to the batch
     shell only (``--signal=B:...``, see sbatch.py) and means "leave the run": we have Slurm send
-    SIGTERM to the step's processes, as ``scancel`` would, so that the agents depart and stop
+    SIGTERM to the steps' processes, as ``scancel`` would, so that the agents depart and stop
     their workers. (Not SIGTERM to srun: srun then cancels the step at once, and the agents die
     before they can depart.) Were the preemption signal sent to the member's workers instead,
     the example's preemption contract would have *every* rank of the run checkpoint and exit 0,
@@ -135,7 +157,7 @@ class _Stop:
         self.signum: int | None = None
         self.left = False  # a member left at the preemption signal
         self.job_id = job_id
-        self.child: subprocess.Popen[bytes] | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         sig = getattr(signal, f"SIG{preempt_signal.upper().removeprefix('SIG')}", None)
@@ -147,13 +169,218 @@ class _Stop:
         if self.left:
             return
         self.left = True
-        # Not waited for here (a signal handler); srun's end is what the main loop waits for.
+        # Not waited for here (a signal handler); the steps' end is what the main loop waits for.
         subprocess.Popen(["scancel", "--signal=TERM", self.job_id], stdin=subprocess.DEVNULL)
 
     def _stop(self, signum: int, _frame: FrameType | None) -> None:
         self.signum = signum
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
+
+
+class BatchLog:
+    """``batch/<job>.attempt-<a>.jsonl``: what the supervisor did, for ``logs summary``; and the
+    same as one line in the batch step's output for a person reading ``slurm/<job>_batch.out``."""
+
+    def __init__(self, jobdir: JobDir, job_id: str, attempt: int) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.writer: JsonlWriter | None = None
+        with contextlib.suppress(OSError, ValueError):
+            jobdir.supervisor.mkdir(exist_ok=True)
+            self.writer = JsonlWriter(jobdir.supervisor_events(job_id or "local", attempt))
+
+    def record(self, kind: str, message: str, **fields: Any) -> None:
+        print(f"hpc_elastic batch: {message}", flush=True)
+        if self.writer is not None:
+            self.writer.write({"v": 1, "time": time.time(), "job_id": self.job_id,
+                               "attempt": self.attempt, "source": "batch", "kind": kind,
+                               **fields})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Step:
+    """One node's agent step."""
+
+    node: str
+    generation: int
+    launch: int
+    proc: subprocess.Popen[bytes]
+    #: When it was started, less a second: event times come from other nodes' clocks.
+    since: float
+
+
+@dataclass
+class Supervisor:
+    """Starts and watches the agents' steps of one job attempt (see the module docstring)."""
+
+    jobdir: JobDir
+    config: JobConfig
+    env: Mapping[str, str]
+    stop: _Stop
+    log: BatchLog
+    attempt: int
+    member: bool = False
+    python: str = sys.executable
+    generation: int = 0
+    steps: list[Step] = field(default_factory=list)
+    launches: dict[str, int] = field(default_factory=dict)  # node -> relaunches, this generation
+    nodes: list[str] = field(default_factory=list)  # the nodes this generation runs on
+    outcome: str | None = None  # the attempt's outcome, once an agent logged one
+    last_rc: int = 0
+    started: float = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return self.env.get("SLURM_JOB_ID", "")
+
+    def launch(self, node: str, launch: int = 0) -> None:
+        command = srun_command(self.jobdir, self.python, node, self.generation, launch)
+        env = {**self.env, STEP_ENV: str(self.generation), LAUNCH_ENV: str(launch)}
+        since = time.time() - 1.0
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+        self.stop.children.append(proc)
+        self.steps.append(Step(node, self.generation, launch, proc, since))
+        self.log.record("step.started", f"step on {node} (generation {self.generation}, launch "
+                        f"{launch}): {shlex.join(command)}", node=node,
+                        generation=self.generation, launch=launch, pid=proc.pid)
+
+    def start(self, nodes: Sequence[str]) -> None:
+        """Start one agent step on each of ``nodes``, in the current generation."""
+        self.nodes = list(nodes)
+        self.launches = {}
+        if not self.member:
+            publish_run_pointer(self.jobdir, self.job_id, self.attempt, self.generation)
+        for node in nodes:
+            self.launch(node)
+
+    def run(self, nodes: Sequence[str]) -> int:
+        """Run the attempt to its end; return the batch step's exit code."""
+        self.started = time.time() - 1.0
+        self.start(nodes)
+        finished_at: float | None = None
+        while self.steps:
+            self._sleep()
+            ended = [s for s in self.steps if s.proc.poll() is not None]
+            self.steps = [s for s in self.steps if s not in ended]
+            for step in ended:
+                self._ended(step)
+            if self.steps and self.outcome == "agent.succeeded":
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at > FINISH_GRACE_S:
+                    self._end_leftovers()
+            if not self.steps and self._may_go_on():
+                left = usable([n for n in self.nodes if n not in excluded_names(self.jobdir)])
+                if not self._new_generation(left):
+                    break
+        return self._exit_code()
+
+    def _sleep(self) -> None:
+        """Wait for a step to end, or :data:`POLL_S` (signals interrupt the wait too)."""
+        with contextlib.suppress(ChildProcessError, InterruptedError):
+            deadline = time.monotonic() + POLL_S
+            while time.monotonic() < deadline:
+                if any(s.proc.poll() is not None for s in self.steps):
+                    return
+                time.sleep(0.05)
+
+    def _ended(self, step: Step) -> None:
+        rc = step.proc.returncode
+        rc = 128 - rc if rc < 0 else rc
+        if rc:
+            self.last_rc = rc
+        own = outcome_logged(self.jobdir, self.attempt, step.since, [step.node], NODE_ENDS)
+        self.log.record("step.ended", f"step on {step.node} ended: srun rc {rc}, outcome {own}",
+                        node=step.node, generation=step.generation, launch=step.launch, rc=rc,
+                        outcome=own, ran_s=round(time.time() - step.since - 1.0, 3))
+        if own in ("agent.succeeded", "agent.failed") and self.outcome != "agent.succeeded":
+            self.outcome = own
+        if own is not None or not self._may_go_on():
+            return
+        # The node's agent vanished.
+        if self.member:
+            self.log.record("step.not_relaunched", f"{step.node}: a member job's node is not "
+                            "relaunched; the run goes on without it", node=step.node)
+            return
+        up = bool(usable([step.node]))
+        relaunched = self.launches.get(step.node, 0)
+        if not up or relaunched >= RELAUNCHES_PER_NODE:
+            self.exclude(step.node, "Slurm no longer counts it usable (down, drained or not "
+                         "responding)" if not up else
+                         f"its agent vanished {relaunched + 1} times while the node was up")
+        elif self.steps:
+            # Up, and the others still train: it rejoins their rendezvous, like a grow node.
+            self.launches[step.node] = relaunched + 1
+            self.log.record("step.relaunched", f"{step.node} is up but its agent ended without "
+                            "an outcome; starting its step again", node=step.node,
+                            generation=self.generation, launch=step.launch + 1)
+            self.launch(step.node, step.launch + 1)
+        # else: no agent is left; run() starts a new generation on every usable node.
+
+    def exclude(self, node: str, reason: str) -> None:
+        new = exclude_node(self.jobdir, node, reason, self.job_id, self.attempt)
+        self.log.record("node.excluded", f"{node} excluded from this run: {reason}",
+                        node=node, reason=reason, new=new)
+
+    def _may_go_on(self) -> bool:
+        """Whether a vanished agent may be replaced: nothing logged an outcome, nobody stops the
+        job, and no node asked Slurm for a requeue."""
+        if self.outcome is not None or self.stop.signum is not None or self.stop.left:
+            return False
+        if (self.jobdir.path / "requeue" / f"attempt-{self.attempt}").exists():
+            return False
+        self.outcome = outcome_logged(self.jobdir, self.attempt, self.started)
+        return self.outcome is None
+
+    def _new_generation(self, left: list[str]) -> bool:
+        """Every agent of the generation is gone without an outcome: start all usable nodes
+        again in a fresh rendezvous (a member never does: the run goes on without it)."""
+        if (self.member or len(left) < self.config.min_nodes
+                or self.generation >= self.config.max_restarts):
+            self.log.record("batch.not_relaunching", f"not relaunching: {len(left)} usable "
+                            f"node(s), min {self.config.min_nodes}, generation "
+                            f"{self.generation} of at most {self.config.max_restarts}",
+                            usable=left)
+            return False
+        _cancel_members(self.jobdir, self.job_id)
+        self.generation += 1
+        self.log.record("generation.started", f"every agent ended without an outcome; "
+                        f"starting generation {self.generation} on {','.join(left)}",
+                        generation=self.generation, nodes=left)
+        self.start(left[:self.config.max_nodes])
+        return True
+
+    def _end_leftovers(self) -> None:
+        """Training succeeded: steps still running (a lost node's, until Slurm notices the
+        loss) are ended, SIGTERM to their srun (it cancels the step) and SIGKILL later."""
+        for step in self.steps:
+            self.log.record("step.ended_after_success", f"training succeeded; ending the step "
+                            f"on {step.node}", node=step.node)
+            with contextlib.suppress(ProcessLookupError):
+                step.proc.terminate()
+        deadline = time.monotonic() + KILL_AFTER_S
+        for step in self.steps:
+            try:
+                step.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                step.proc.kill()
+                step.proc.wait()
+        self.steps.clear()
+
+    def _exit_code(self) -> int:
+        if self.outcome == "agent.succeeded" or self.stop.left:
+            return 0
+        if self.stop.signum is not None:
+            return 128 + self.stop.signum
+        if self.outcome == "agent.failed":
+            return self.last_rc or 1
+        return self.last_rc
 
 
 def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
@@ -165,66 +392,56 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
     config = read_job_config(jobdir)
     job_id = env.get("SLURM_JOB_ID", "")
     attempt = int(env.get("SLURM_RESTART_COUNT", "0"))
+    log = BatchLog(jobdir, job_id, attempt)
     allocated = hostnames(env.get("SLURM_JOB_NODELIST", ""))
+    excluded = set(excluded_names(jobdir))
+    nodes = [n for n in allocated if n not in excluded]
+    log.record("batch.start", f"job {job_id} attempt {attempt}: allocated "
+               f"{','.join(allocated) or '-'}"
+               + (f"; skipping excluded {','.join(sorted(excluded & set(allocated)))}"
+                  if excluded & set(allocated) else ""),
+               allocated=allocated, excluded=sorted(excluded), nodes=nodes[:config.max_nodes])
     stop = _Stop(config.preemption.signal)
-    python = sys.executable
-
-    step, nodes = 0, None  # step 0: the whole allocation, as srun would by default
-    while True:
-        publish_run_pointer(jobdir, job_id, attempt, step)
-        rc, outcome = _run_step(jobdir, python, step, nodes, env, stop, attempt)
-        if outcome == "agent.succeeded":
+    try:
+        if len(nodes) < config.min_nodes:
+            log.record("batch.not_started", f"only {len(nodes)} usable node(s), "
+                       f"min {config.min_nodes}", nodes=nodes)
+            return 1
+        supervisor = Supervisor(jobdir, config, env, stop, log, attempt)
+        rc = supervisor.run(nodes[:config.max_nodes])
+        if supervisor.outcome == "agent.succeeded":
             _cancel_members(jobdir, job_id, pending_only=True)
-            return 0
-        _cancel_members(jobdir, job_id)
-        ran_on = list(nodes) if nodes is not None else allocated
-        if rc == 0 or outcome is not None or stop.signum is not None:
-            return rc if stop.signum is None else 128 + stop.signum
-        if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
-            return rc  # preempted: Slurm requeues the job; the next attempt starts over
-        left = usable(job_nodes(job_id, allocated))
-        lost = [n for n in ran_on if n not in left]
-        if not lost or len(left) < config.min_nodes:
-            print(f"hpc_elastic batch: not relaunching (lost {lost or 'no node'}, "
-                  f"{len(left)} usable, min {config.min_nodes})", flush=True)
-            return rc
-        step += 1
-        nodes = left[:config.max_nodes]
-        print(f"hpc_elastic batch: lost {','.join(lost)}; relaunching on "
-              f"{','.join(nodes)} as step {step}", flush=True)
-
-
-def _run_step(jobdir: JobDir, python: str, step: int, nodes: Sequence[str] | None,
-              env: Mapping[str, str], stop: _Stop, attempt: int,
-              ) -> tuple[int, str | None]:
-    """One srun of agents, to its end: srun's exit code and the outcome an agent logged."""
-    command = srun_command(jobdir, python, step, nodes)
-    print(f"hpc_elastic batch: step {step}: {shlex.join(command)}", flush=True)
-    launched = time.time() - 1.0  # event times come from other nodes' clocks
-    stop.child = subprocess.Popen(command, env={**env, STEP_ENV: str(step)})
-    rc = stop.child.wait()
-    outcome = outcome_logged(jobdir, attempt, launched)
-    print(f"hpc_elastic batch: step {step} ended: srun rc {rc}, outcome {outcome}", flush=True)
-    return rc, outcome
+        else:
+            _cancel_members(jobdir, job_id)
+        log.record("batch.end", f"ending with {rc} (outcome {supervisor.outcome})", rc=rc,
+                   outcome=supervisor.outcome, generation=supervisor.generation)
+        return rc
+    finally:
+        log.close()
 
 
 def _run_member(jobdir: JobDir, env: dict[str, str]) -> int:
-    """The batch step of a member job: its agents join the run's current rendezvous once.
-
-    No relaunch after a lost node: the run goes on without this job's nodes, as it would after
-    the job ended."""
+    """The batch step of a member job: its agents join the run's current rendezvous, one step
+    per node of the member's allocation, never relaunched."""
     config = read_job_config(jobdir)
     pointer = read_run_pointer(jobdir, env[RUN_ID_ENV])
-    print(f"hpc_elastic batch: member of run {pointer.run_id}, joining attempt "
-          f"{pointer.attempt} step {pointer.step}", flush=True)
+    job_id = env.get("SLURM_JOB_ID", "")
+    log = BatchLog(jobdir, job_id, int(env.get("SLURM_RESTART_COUNT", "0")))
+    log.record("batch.start", f"member of run {pointer.run_id}, joining attempt "
+               f"{pointer.attempt} generation {pointer.step}", run_id=pointer.run_id,
+               run_attempt=pointer.attempt, generation=pointer.step)
     env = {**env, RUN_ATTEMPT_ENV: str(pointer.attempt)}
-    stop = _Stop(config.preemption.signal, leave_on_preempt=True,
-                 job_id=env.get("SLURM_JOB_ID", ""))
-    rc, outcome = _run_step(jobdir, sys.executable, pointer.step, None, env, stop,
-                            pointer.attempt)
-    if outcome == "agent.succeeded" or stop.left:
-        return 0  # done, or left the run when told to
-    return rc if stop.signum is None else 128 + stop.signum
+    stop = _Stop(config.preemption.signal, leave_on_preempt=True, job_id=job_id)
+    nodes = hostnames(env.get("SLURM_JOB_NODELIST", ""))
+    try:
+        supervisor = Supervisor(jobdir, config, env, stop, log, pointer.attempt, member=True,
+                                generation=pointer.step)
+        rc = supervisor.run(nodes)
+        log.record("batch.end", f"ending with {rc} (outcome {supervisor.outcome})", rc=rc,
+                   outcome=supervisor.outcome)
+        return rc
+    finally:
+        log.close()
 
 
 def _cancel_members(jobdir: JobDir, own_job_id: str, pending_only: bool = False) -> None:

@@ -20,9 +20,13 @@ LOCAL_NODE_NAME = "HPC_ELASTIC_NODE_NAME"
 LOCAL_NODE_INDEX = "HPC_ELASTIC_NODE_INDEX"
 LOCAL_ATTEMPT = ENV_ATTEMPT
 LOCAL_NODE_ADDR = "HPC_ELASTIC_NODE_ADDR"
-# The number of the agents' srun step within one Slurm attempt, set by the batch supervisor
-# (hpc_elastic/batch.py) when it relaunches the agents on the survivors of a node loss.
+# The generation of the agents' rendezvous within one Slurm attempt, set by the batch supervisor
+# (hpc_elastic/batch.py): it grows when every agent's step ended and the supervisor starts them
+# all again, so that they do not join the rendezvous the dead ones abandoned mid-round.
 STEP_ENV = "HPC_ELASTIC_STEP"
+# How many times the supervisor started this node's agent step before in this generation (0 the
+# first time): a relaunched agent is told apart from the one that ended before it.
+LAUNCH_ENV = "HPC_ELASTIC_LAUNCH"
 # A member job (``grow``, or a task of ``submit --array``) joins the rendezvous of another job:
 # the run's id (the lead's job id, or the array's job id) and the run's current attempt. Set by
 # the member's batch script and its batch supervisor (hpc_elastic/batch.py).
@@ -44,6 +48,8 @@ class NodeIdentity:
     #: An agent of a ``grow`` job or of an array task: it joins a run that is not its own job,
     #: so it neither requeues nor relaunches that run (see hpc_elastic/members.py).
     is_member: bool = False
+    #: 0 for the node's first agent in this generation, then 1, 2... for each relaunch.
+    launch: int = 0
 
     @property
     def rendezvous_id(self) -> str:
@@ -68,6 +74,7 @@ class NodeIdentity:
                 step=int(env.get(STEP_ENV, "0")),
                 run_id=env.get(RUN_ID_ENV) or env["SLURM_JOB_ID"],
                 is_member=bool(env.get(RUN_ID_ENV)),
+                launch=int(env.get(LAUNCH_ENV, "0")),
             )
         node = env.get(LOCAL_NODE_NAME) or socket.gethostname()
         return cls(

@@ -12,7 +12,13 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
         members/<job id>.json    every Slurm job that takes part in the run (the first one,
                                  ``grow`` jobs, array jobs), one file each, written by whoever
                                  submitted it; ``members/<stamp>.sbatch`` their scripts
-        slurm/                   Slurm's own stdout/stderr of the batch step
+        slurm/                   Slurm's own stdout/stderr: the batch step's, and each node's
+                                 agent step (``<job>_<node>[_s<gen>][_r<launch>]_log.out``)
+        batch/<job>.attempt-<a>.jsonl
+                                 one writer: that job attempt's batch supervisor (the agents'
+                                 steps it started, how each ended, relaunches, exclusions)
+        excluded/<node>.json     nodes that failed and are not used again by this run, each
+                                 created once (O_EXCL) by the supervisor that excluded it
         rendezvous/              the shared-filesystem rendezvous root (unless configured elsewhere)
             current.json         the run's current rendezvous (attempt, step): written by the
                                  first job's batch step, read by member jobs joining the run
@@ -92,6 +98,21 @@ class JobDir:
 
     def member(self, job_id: str) -> Path:
         return self.members / f"{_check_name(job_id, 'job id')}.json"
+
+    @property
+    def supervisor(self) -> Path:
+        return self.path / "batch"
+
+    def supervisor_events(self, job_id: str, attempt: int) -> Path:
+        """The events of one job attempt's batch supervisor (hpc_elastic/batch.py)."""
+        return self.supervisor / f"{_check_name(job_id, 'job id')}.attempt-{int(attempt)}.jsonl"
+
+    @property
+    def excluded(self) -> Path:
+        return self.path / "excluded"
+
+    def excluded_node(self, node: str) -> Path:
+        return self.excluded / f"{_check_name(node)}.json"
 
     @property
     def checkpoints(self) -> Path:

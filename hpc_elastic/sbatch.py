@@ -8,14 +8,17 @@ template, so an upgrade that changes the text is noticed before it reaches a clu
 What the script does, and why:
 
 * ``--nodes=MIN-MAX`` for elastic jobs lets Slurm start the job on fewer nodes when that is all
-  that is free; ``--ntasks-per-node=1`` starts exactly one agent per node, which then starts the
-  workers itself (as ``torchrun`` would).
+  that is free, and on up to ``max`` when they are free. No ``--ntasks-per-node`` and no
+  ``--ntasks``: either pins an elastic job to its minimum (measured on Slurm 22.05: ``--nodes=2-3
+  --ntasks-per-node=1`` got 2 of 4 idle nodes, ``--nodes=2-3`` alone got 3). The batch
+  supervisor starts exactly one agent per node itself, one ``srun --nodes=1 --ntasks=1`` step
+  each, and the agent starts the workers (as ``torchrun`` would).
 * ``--no-kill`` (elastic jobs only) keeps the allocation when a node fails, so the survivors can
   re-form; a fixed-size job cannot continue on fewer nodes, so it lets Slurm end it instead.
 * ``--requeue`` and ``--signal=<sig>@<grace>`` let the agents checkpoint and requeue the job on
   preemption or before the time limit. Without ``B:`` the signal reaches every srun task.
-* The batch step runs ``hpc_elastic batch`` (not ``srun`` directly): Slurm kills the agents'
-  step on the survivors too when a node goes DOWN, and the supervisor starts them again there.
+* The batch step runs ``hpc_elastic batch`` (not ``srun`` directly): it starts one step per
+  node, so that a node going DOWN ends only its own step, never the survivors' (see batch.py).
 * ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: torch 2.13's shared agent TCP store breaks
   re-rendezvous (see docs/architecture.md); with it off, every round gets a fresh address.
 
@@ -57,7 +60,7 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
     extra: dict[str, Any] = {
         "time": slurm.time,
         "signal": f"{config.preemption.signal}@{config.preemption.grace}",
-        # The batch shell's own output; each node's agent writes %j_<node index>_log.out.
+        # The batch shell's own output; each node's agent writes %j_<node>_log.out.
         "output": str(jobdir.slurm_logs / "%j_batch.out"),
         "error": str(jobdir.slurm_logs / "%j_batch.err"),
     }
@@ -91,8 +94,8 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
     )
     if member is not None:
         nodes = member.nodes
-    # The batch step runs the supervisor, which runs ``srun ... hpc_elastic agent`` itself and
-    # relaunches it on the survivors of a node loss (see hpc_elastic/batch.py).
+    # The batch step runs the supervisor, which runs one ``srun ... hpc_elastic agent`` step per
+    # node itself (see hpc_elastic/batch.py).
     # ``exec``: the supervisor *is* the batch shell, so a signal Slurm sends to the batch shell
     # (a member's ``--signal=B:...``) reaches it instead of killing a bash that waits for it.
     command = "exec " + shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])
@@ -102,7 +105,6 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
         job_name=config.name,
         partition=slurm.partition,
         nodes=nodes,  # type: ignore[arg-type]  # submitit renders it as text: "2-4" is fine
-        ntasks_per_node=1,
         cpus_per_task=slurm.cpus_per_task,
         gpus_per_node=slurm.gpus_per_node,
         qos=slurm.qos,

@@ -51,7 +51,9 @@ def test_elastic_job_keeps_its_allocation_when_a_node_fails(tmp_path: Path) -> N
     assert "#SBATCH --no-kill" in elastic_text and "#SBATCH --nodes=2-8" in elastic_text
     assert "--no-kill" not in fixed_text and "#SBATCH --nodes=4" in fixed_text
     for text in (elastic_text, fixed_text):
-        assert "#SBATCH --ntasks-per-node=1" in text
+        # Neither pins an elastic job to its minimum: Slurm gives --nodes=2-8 up to 8 free
+        # nodes (the supervisor then starts one agent step per node).
+        assert "--ntasks" not in text
         assert "#SBATCH --requeue" in text
         assert "#SBATCH --signal=USR1@120" in text
         assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in text

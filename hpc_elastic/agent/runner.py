@@ -213,7 +213,7 @@ def run_agent(target: str | Path) -> int:
 
     events.record("agent.start", pid=os.getpid(), address=ident.address,
                   nodes=config.nodes, nproc_per_node=config.nproc_per_node,
-                  step=ident.step, run_id=ident.run_id or ident.job_id,
+                  step=ident.step, launch=ident.launch, run_id=ident.run_id or ident.job_id,
                   member=ident.is_member)
     started = time.monotonic()
     try:

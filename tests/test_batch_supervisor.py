@@ -1,0 +1,159 @@
+"""The batch supervisor's decisions (hpc_elastic/batch.py) with real agents and workers.
+
+The supervisor runs ``hpc_elastic batch`` as Slurm's batch step would, but with Slurm's client
+commands replaced by the small scripts in ``tests/fake_slurm/`` (``srun`` runs the command as
+the named node on this machine; ``sinfo`` reports a node ``down*`` once the test lists it in
+``$FAKE_SLURM_DIR/down``). Agents, workers, rendezvous and job directory are the real ones. The
+same scenarios on the real Slurm test cluster: tests/test_e2e_slurm.py (node loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from polling import wait_for
+
+from hpc_elastic.config import load_config
+from hpc_elastic.excluded import read_excluded
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.submit import Submission, create_jobdir, write_submission
+from hpc_elastic.telemetry import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
+pytestmark = pytest.mark.slow
+NODES = ["n1", "n2", "n3"]
+
+
+def make_jobdir(tmp_path: Path, *overrides: str) -> JobDir:
+    config = load_config(REPO / "examples" / "demo.yaml", [
+        f"job_root={tmp_path}", "nodes=2:3", "nproc_per_node=1", "max_restarts=2",
+        "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.15]",
+        "rendezvous.heartbeat_interval=0.5", "rendezvous.heartbeat_timeout=2",
+        "rendezvous.last_call_timeout=1", *overrides])
+    jobdir = JobDir(tmp_path / "job")
+    create_jobdir(config, jobdir)
+    write_submission(jobdir, Submission("slurm", "77", time.time(), config.name))
+    return jobdir
+
+
+def start_batch(jobdir: JobDir, fake: Path, nodes: list[str]) -> subprocess.Popen[str]:
+    fake.mkdir()
+    env = {**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}",
+           "FAKE_SLURM_DIR": str(fake), "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": ",".join(nodes), "SLURM_RESTART_COUNT": "0",
+           # Node names of this test resolve nowhere: never let an agent ask DNS.
+           "HPC_ELASTIC_NODE_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hpc_elastic", "batch", str(jobdir.path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def events(jobdir: JobDir, node: str) -> list[dict[str, Any]]:
+    return list(read_jsonl(jobdir.events(node))) if jobdir.events(node).exists() else []
+
+
+def batch_events(jobdir: JobDir) -> list[dict[str, Any]]:
+    return list(read_jsonl(jobdir.supervisor_events("77", 0)))
+
+
+def kill_agent(jobdir: JobDir, node: str) -> None:
+    """SIGKILL the node's current agent and its workers, as a power cut would."""
+    starts = [e for e in events(jobdir, node) if e["kind"] == "agent.start"]
+    agent = int(starts[-1]["pid"])
+    workers = [int(e["worker_id"]) for e in events(jobdir, node)
+               if e["kind"] == "worker.started" and e["time"] >= starts[-1]["time"]]
+    for pid in [agent, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def training(jobdir: JobDir) -> bool:
+    return (jobdir.checkpoints / "last.pt").exists() and all(
+        any(e["kind"] == "worker.started" for e in events(jobdir, n)) for n in NODES)
+
+
+def summary(jobdir: JobDir) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "hpc_elastic", "logs", "summary",
+                          str(jobdir.path), "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def finish(batch: subprocess.Popen[str], timeout: float = 150) -> str:
+    try:
+        output, _ = batch.communicate(timeout=timeout)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+            batch.communicate()
+    return output
+
+
+def test_lost_node_ends_only_its_step_costs_one_restart_and_is_excluded(
+        tmp_path: Path) -> None:
+    """A node is lost (its agent and workers die, Slurm reports it down): only its step ends;
+    the survivors' agents are never started again, re-form once and finish; the node is
+    excluded and recorded."""
+    jobdir = make_jobdir(tmp_path)
+    fake = tmp_path / "fake"
+    batch = start_batch(jobdir, fake, NODES)
+    try:
+        wait_for("3 nodes training after a checkpoint", lambda: training(jobdir), timeout=120)
+        (fake / "down").write_text("n2\n")
+        kill_agent(jobdir, "n2")
+    finally:
+        output = finish(batch)
+    assert batch.returncode == 0, output
+    kinds = [(e["kind"], e.get("node")) for e in batch_events(jobdir)]
+    assert ("node.excluded", "n2") in kinds and not [k for k in kinds if k[0] == "step.relaunched"]
+    assert [k for k in kinds if k[0] == "step.started"] == [
+        ("step.started", n) for n in NODES], "a survivor's step was started again"
+    assert [r.node for r in read_excluded(jobdir)] == ["n2"]
+    for node in ("n1", "n3"):
+        assert [e["kind"] for e in events(jobdir, node)].count("agent.start") == 1
+        assert events(jobdir, node)[-1]["kind"] == "agent.succeeded"
+    s = summary(jobdir)
+    assert s["status"] == "succeeded"
+    assert s["restarts"] == 1, s["rendezvous_rounds"]
+    assert sorted(s["rendezvous_rounds"][-1]["participants"]) == ["n1", "n3"]
+
+
+def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path: Path) -> None:
+    """The node stays up but its agent dies: its step starts again (launch 1) and the new agent
+    joins the running rendezvous; when that one dies too, the node is excluded."""
+    jobdir = make_jobdir(tmp_path, "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, "
+                         "--step-sleep, 0.15]")
+    fake = tmp_path / "fake"
+    batch = start_batch(jobdir, fake, NODES)
+    try:
+        wait_for("3 nodes training after a checkpoint", lambda: training(jobdir), timeout=120)
+        kill_agent(jobdir, "n3")
+
+        def relaunched_trains() -> bool:
+            starts = [e for e in events(jobdir, "n3") if e["kind"] == "agent.start"]
+            return len(starts) == 2 and any(
+                e["kind"] == "worker.started" and e["time"] > starts[-1]["time"]
+                for e in events(jobdir, "n3"))
+        wait_for("n3's relaunched agent training", relaunched_trains, timeout=90)
+        kill_agent(jobdir, "n3")
+    finally:
+        output = finish(batch)
+    assert batch.returncode == 0, output
+    kinds = [(e["kind"], e.get("node")) for e in batch_events(jobdir)]
+    assert kinds.count(("step.relaunched", "n3")) == 1, kinds
+    assert ("node.excluded", "n3") in kinds
+    launches = [e.get("launch") for e in events(jobdir, "n3") if e["kind"] == "agent.start"]
+    assert launches == [0, 1]
+    (record,) = read_excluded(jobdir)
+    assert record.node == "n3" and "vanished 2 times" in record.reason
+    assert summary(jobdir)["status"] == "succeeded"
