@@ -112,11 +112,10 @@ def test_restarts_exhausted_job_fails_with_the_root_cause(
 def start_three_nodes(cluster: SlurmCluster, job_root: Path
                       ) -> tuple[subprocess.Popen[str], JobDir, str, list[str], str | None]:
     """Submit ``nodes: 2:3`` with ``--wait`` and return once 3 nodes train: the launcher, the
-    job directory, the batch host, the nodes, the rank-0 node."""
+    job directory, the batch host, the nodes, the rank-0 node. No ``ntasks``: with 4 idle
+    nodes Slurm gives the job its maximum, 3."""
     launcher = subprocess.Popen(
-        # Slurm gives a --nodes=2-3 job 2 nodes when 2 satisfy it; ntasks=3 asks for all 3.
-        submit_args(job_root, "--wait", "--set", "nodes=2:3", "--set", "slurm.sbatch={ntasks: 3}",
-                    "--set",
+        submit_args(job_root, "--wait", "--set", "nodes=2:3", "--set",
                     "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_of(cluster),
         stdin=subprocess.DEVNULL)
@@ -124,19 +123,32 @@ def start_three_nodes(cluster: SlurmCluster, job_root: Path
     jobdir = wait_for("3 nodes training", lambda: next(
         (JobDir(p) for p in job_root.iterdir() if len(training_nodes(JobDir(p))) == 3), None),
         timeout=120)
-    batch_host = (cluster.scontrol_job(int(job_id_of(jobdir))) or {}).get("BatchHost", "")
-    return launcher, jobdir, batch_host, jobdir.node_names(), rank0_node(jobdir)
+    job = cluster.scontrol_job(int(job_id_of(jobdir))) or {}
+    assert job.get("NumNodes", "").startswith("3"), job  # the maximum, not the minimum
+    return launcher, jobdir, job.get("BatchHost", ""), jobdir.node_names(), rank0_node(jobdir)
+
+
+def round_without(jobdir: JobDir, victim: str, after: float) -> float | None:
+    """When a survivor completed a rendezvous round of 2 (without ``victim``) after ``after``."""
+    for node in jobdir.node_names():
+        for e in node_events(jobdir, node):
+            if (node != victim and e["kind"] == "rendezvous.completed" and e["time"] > after
+                    and e.get("world_size") == 2):
+                return float(e["time"])
+    return None
 
 
 @pytest.mark.parametrize("victim_kind", ["other", "rank0"])
-def test_node_loss_survivors_relaunched_resume_and_finish(
+def test_node_loss_costs_one_restart_and_the_node_is_excluded(
     slurm_cluster: SlurmCluster, tmp_path: Path, victim_kind: str
 ) -> None:
-    """``nodes: 2:3``; one node's slurmd and everything under it are killed mid-run. The
-    survivors re-form as 2; when Slurm marks the node DOWN it kills the step on them too, and
-    the batch supervisor relaunches the agents there (step 1), which resume from the checkpoint
-    and finish. The batch host cannot be the victim: Slurm ends a job whose batch host dies, so
-    when rank 0 lands on the batch host (join order decides), the rank-0 case starts again."""
+    """``nodes: 2:3`` gets 3 of the 4 idle nodes; one node's slurmd and everything under it are
+    killed mid-run (a power cut). Each node's agent runs in a step of its own, so Slurm marking
+    the node DOWN ends only the victim's step: the survivors re-form once, on their own, after
+    ``heartbeat_timeout`` (not after SlurmdTimeout), resume from the checkpoint and finish. Their
+    agents are never started again; the summary counts exactly one worker-group restart; the
+    victim is excluded from the run. The batch host cannot be the victim (Slurm ends a job whose
+    batch host dies), so when rank 0 lands on the batch host the rank-0 case starts again."""
     t0 = time.monotonic()
     for attempt in range(6):
         launcher, jobdir, batch_host, nodes, rank0 = start_three_nodes(
@@ -154,6 +166,9 @@ def test_node_loss_survivors_relaunched_resume_and_finish(
         wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
         killed_at = time.time()
         slurm_cluster.kill_node(victim)
+        reformed = wait_for("the survivors' round without the victim",
+                            lambda: round_without(jobdir, victim, killed_at), timeout=60)
+        down_seen = slurm_cluster.node_states().get(victim, "")
         output, _ = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:
@@ -163,16 +178,24 @@ def test_node_loss_survivors_relaunched_resume_and_finish(
         survivors = [n for n in nodes if n != victim]
         summary = summary_json(jobdir)
         summary_text(jobdir)
+        print(f"power cut -> survivors re-formed: {reformed - killed_at:.1f} s "
+              f"(victim's Slurm state then: {down_seen})")
+        # Re-formed within heartbeat_timeout (3 s here) + 5 s, whatever SlurmdTimeout is.
+        assert reformed - killed_at <= 3 + 5
         assert summary["status"] == "succeeded"
+        assert summary["restarts"] == 1, summary["rendezvous_rounds"]
         assert sorted(summary["nodes"]) == sorted(nodes)
         rounds = summary["rendezvous_rounds"]
         assert any(sorted(r["participants"]) == sorted(nodes) for r in rounds)
         assert sorted(rounds[-1]["participants"]) == sorted(survivors)
+        assert {r["step"] for r in rounds} == {0}  # no new generation: nothing was relaunched
         health = {h["node"]: h["ended"] for h in summary["node_health"]}
         assert health[victim] == "vanished" and all(health[n] == "ok" for n in survivors)
         for node in survivors:
-            after = [e for e in node_events(jobdir, node) if e["time"] > killed_at]
-            assert after[-1]["kind"] == "agent.succeeded"
+            kinds = [e["kind"] for e in node_events(jobdir, node)]
+            assert kinds.count("agent.start") == 1, f"{node}'s agent was started again"
+            assert kinds[-1] == "agent.succeeded"
+        assert [x["node"] for x in summary["excluded_nodes"]] == [victim]
         # Resumed from a checkpoint after the loss, not from global step 0.
         starts = [int(m.group(3)) for p in
                   jobdir.path.glob("nodes/*/workers/attempt-0/restart-*/rank-0/stdout.log")
