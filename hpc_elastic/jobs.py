@@ -51,6 +51,7 @@ class JobStatus:
             "attempts": s.get("attempts", 0),
             "last_failure": (roots or failures)[-1] if failures else None,
             "jobs": self.members,
+            "excluded_nodes": s.get("excluded_nodes", []),
         }
 
     def render(self) -> str:
@@ -64,6 +65,9 @@ class JobStatus:
             f"  rounds      {d['rounds']}   restarts {d['restarts']}   attempts {d['attempts']}",
             "  last failure " + (_failure_line(last) if last else "-"),
         ]
+        if d["excluded_nodes"]:
+            lines.append("  excluded    " + ", ".join(
+                f"{x['node']} ({x['reason']})" for x in d["excluded_nodes"]))
         if spans_jobs([m["kind"] for m in self.members]):
             lines.append("  jobs of the run:")
             lines += [f"    {m['job_id']:<10} {m['kind']:<6} nodes {m['nodes']:<5} {m['state']}"

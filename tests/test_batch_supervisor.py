@@ -37,7 +37,7 @@ NODES = ["n1", "n2", "n3"]
 def make_jobdir(tmp_path: Path, *overrides: str) -> JobDir:
     config = load_config(REPO / "examples" / "demo.yaml", [
         f"job_root={tmp_path}", "nodes=2:3", "nproc_per_node=1", "max_restarts=2",
-        "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.15]",
+        "entrypoint.args=[--epochs, 3, --steps-per-epoch, 10, --step-sleep, 0.15]",
         "rendezvous.heartbeat_interval=0.5", "rendezvous.heartbeat_timeout=2",
         "rendezvous.last_call_timeout=1", *overrides])
     jobdir = JobDir(tmp_path / "job")
@@ -83,10 +83,17 @@ def training(jobdir: JobDir) -> bool:
 
 
 def summary(jobdir: JobDir) -> dict[str, Any]:
+    """``logs summary --json`` (and the text printed, for ``-s`` runs); its time split must add
+    up to the wall time."""
+    text = subprocess.run([sys.executable, "-m", "hpc_elastic", "logs", "summary",
+                           str(jobdir.path)], capture_output=True, text=True, timeout=60).stdout
+    print(text)
     out = subprocess.run([sys.executable, "-m", "hpc_elastic", "logs", "summary",
                           str(jobdir.path), "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    s = json.loads(out.stdout)
+    assert abs(sum(s["time_split_s"].values()) - s["wall_s"]) < 0.01, s["time_split_s"]
+    return s
 
 
 def finish(batch: subprocess.Popen[str], timeout: float = 150) -> str:
@@ -126,12 +133,17 @@ def test_lost_node_ends_only_its_step_costs_one_restart_and_is_excluded(
     assert s["status"] == "succeeded"
     assert s["restarts"] == 1, s["rendezvous_rounds"]
     assert sorted(s["rendezvous_rounds"][-1]["participants"]) == ["n1", "n3"]
+    (restart,) = s["disruptions"]
+    assert restart["kind"] == "restart" and 0 < restart["cost_s"] < 30
+    assert s["step_relaunches"] == 0 and s["generations"] == 1
+    assert [x["node"] for x in s["excluded_nodes"]] == ["n2"]
+    assert any(c["kind"] == "node_lost" and c["node"] == "n2" for c in s["root_causes"])
 
 
 def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path: Path) -> None:
     """The node stays up but its agent dies: its step starts again (launch 1) and the new agent
     joins the running rendezvous; when that one dies too, the node is excluded."""
-    jobdir = make_jobdir(tmp_path, "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, "
+    jobdir = make_jobdir(tmp_path, "entrypoint.args=[--epochs, 5, --steps-per-epoch, 10, "
                          "--step-sleep, 0.15]")
     fake = tmp_path / "fake"
     batch = start_batch(jobdir, fake, NODES)
@@ -156,4 +168,9 @@ def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path
     assert launches == [0, 1]
     (record,) = read_excluded(jobdir)
     assert record.node == "n3" and "vanished 2 times" in record.reason
-    assert summary(jobdir)["status"] == "succeeded"
+    s = summary(jobdir)
+    assert s["status"] == "succeeded" and s["step_relaunches"] == 1
+    (relaunch,) = [d for d in s["disruptions"] if d["kind"] == "relaunch"]
+    assert relaunch["nodes"] == ["n3"] and relaunch["cost_s"] is not None
+    # Both of n3's agents were lost: the first one (replaced by the relaunch) too.
+    assert [c["node"] for c in s["root_causes"] if c["kind"] == "node_lost"] == ["n3", "n3"]

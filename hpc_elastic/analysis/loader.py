@@ -116,6 +116,16 @@ class Job:
         streams = [reorder(self.events(n)) for n in names]
         return heapq.merge(*streams, key=_time_key)
 
+    def supervisor_events(self) -> list[dict[str, Any]]:
+        """What the batch supervisors did (``batch/*.jsonl``: steps started and ended,
+        relaunches, excluded nodes), all job attempts, in time order."""
+        folder = self.dir.supervisor
+        if not folder.is_dir():
+            return []
+        found = [rec for path in sorted(folder.glob("*.jsonl"))
+                 for rec in self.records(path, f"batch supervisor {path.stem}")]
+        return sorted(found, key=_time_key)
+
     def worker_metric_files(self, node: str) -> list[Path]:
         """Every rank's ``metrics.jsonl`` of a node, all attempts and restarts, sorted."""
         workers = self.dir.node(node) / "workers"

@@ -5,9 +5,11 @@ rendezvous round the node is in, whether it has a pending join) is per node, and
 sequentially avoids a 64-way heap merge on the hot path. Job-level facts (a round's start and end,
 its participants) are then min/max/union over nodes, which is order independent.
 
-Rounds are keyed ``(attempt, step, round)``: every Slurm attempt, and every relaunch of the agents'
-srun step within an attempt after a node loss (``step`` on ``agent.start``), has its own
-rendezvous that numbers its rounds from 0 again.
+Rounds are keyed ``(attempt, step, round)``: every Slurm attempt, and every new rendezvous
+generation within an attempt (``step`` on ``agent.start``: the batch supervisor started every
+agent again), has its own rendezvous that numbers its rounds from 0 again. One node's agent
+relaunched into the running rendezvous (``launch`` on ``agent.start``) is a new run of that node,
+so the agent it replaced can still be found lost.
 
 Root causes are chosen among *causes* of both sorts the events show: a worker failure that is not
 a consequence of another (see :func:`is_cascade`), and a node lost mid-run (its agent stopped
@@ -54,6 +56,10 @@ _CASCADE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "NC
                     "remote worker crashing", "Broken pipe")
 # torch's message for a rank that left no error file: it did not raise (in Python) at all.
 _NO_ERROR_FILE = re.compile(r"Signal \d+ \(\w+\) received by PID|To enable traceback see")
+
+
+#: One agent of a node: (node, attempt, rendezvous generation, launch).
+RunKey = tuple[str, int, int, int]
 
 
 @dataclass
@@ -105,13 +111,15 @@ class NodeHealth:
 
 @dataclass
 class NodeRun:
-    """One node's agent in one (attempt, step): what tells a vanished node from a finished one."""
+    """One node's agent in one (attempt, step, launch): what tells a vanished node from a
+    finished one."""
 
     node: str
     attempt: int
     step: int
     last: float
     last_kind: str
+    launch: int = 0
     round: int | None = None  # the last rendezvous round it completed
     ended: bool = False  # it logged a clean end (_CLEAN_END)
 
@@ -224,8 +232,8 @@ def build(job: Job) -> JobModel:
     last_event: float | None = None
     n_events = 0
     seen_failures: set[tuple[Any, ...]] = set()
-    runs: dict[tuple[str, int, int], NodeRun] = {}
-    rdzv_ids: dict[str, tuple[str, int, int]] = {}  # rendezvous node id -> its run's key
+    runs: dict[RunKey, NodeRun] = {}
+    rdzv_ids: dict[str, RunKey] = {}  # rendezvous node id -> its run's key
     deaths: list[NodeDeath] = []
 
     def get_round(key: tuple[int, int, int]) -> Round:
@@ -244,7 +252,8 @@ def build(job: Job) -> JobModel:
     for node in nodes:
         h = health[node] = NodeHealth(node)
         current: dict[int, tuple[int, int, int]] = {}  # attempt -> round key the node is in
-        step_of: dict[int, int] = {}  # attempt -> the agents' srun step this node runs in
+        step_of: dict[int, int] = {}  # attempt -> the rendezvous generation this node runs in
+        launch_of: dict[int, int] = {}  # attempt -> this node's agent launch in that generation
         pending_join: dict[int, float] = {}  # attempt -> time of an unanswered join
         fallback_round: dict[int, int] = {}
         for rec in job.events(node):
@@ -274,12 +283,13 @@ def build(job: Job) -> JobModel:
                 job_id = rec["job_id"]
             if kind in ("agent.start", "agent.started"):
                 step_of[attempt] = _int(rec.get("step")) or 0
+                launch_of[attempt] = _int(rec.get("launch")) or 0
                 h.job_id = _str(rec.get("job_id")) or h.job_id
                 h.run_id = _str(rec.get("run_id")) or h.job_id
-            rkey = (node, attempt, step_of.get(attempt, 0))
+            rkey = (node, attempt, step_of.get(attempt, 0), launch_of.get(attempt, 0))
             run = runs.get(rkey)
             if run is None:
-                run = runs[rkey] = NodeRun(node, attempt, rkey[2], t, kind)
+                run = runs[rkey] = NodeRun(node, attempt, rkey[2], t, kind, rkey[3])
             elif t >= run.last:
                 run.last, run.last_kind = t, kind
             rdzv_id = rec.get("x_node")  # the rendezvous' own node id (see rendezvous.node_dead)
@@ -421,9 +431,9 @@ def cause_key(c: dict[str, Any]) -> tuple[float, int, float]:
     return (t, 1, c["time"])
 
 
-def _node_losses(runs: dict[tuple[str, int, int], NodeRun],
+def _node_losses(runs: dict[RunKey, NodeRun],
                  rounds: dict[tuple[int, int, int], Round],
-                 rdzv_ids: dict[str, tuple[str, int, int]],
+                 rdzv_ids: dict[str, RunKey],
                  deaths: list[NodeDeath]) -> list[dict[str, Any]]:
     """Nodes lost mid-run: an agent that fell silent without a clean end while the job went on.
 
@@ -454,11 +464,11 @@ def _node_losses(runs: dict[tuple[str, int, int], NodeRun],
     return losses
 
 
-def _heartbeat_deaths(rdzv_ids: dict[str, tuple[str, int, int]],
-                      deaths: list[NodeDeath]) -> dict[tuple[str, int, int], NodeDeath]:
+def _heartbeat_deaths(rdzv_ids: dict[str, RunKey],
+                      deaths: list[NodeDeath]) -> dict[RunKey, NodeDeath]:
     """Per node run, the first declaration that its heartbeat stopped (rendezvous ids are unique
-    per agent, so an id names one node, attempt and step)."""
-    first: dict[tuple[str, int, int], NodeDeath] = {}
+    per agent, so an id names one node, attempt, step and launch)."""
+    first: dict[RunKey, NodeDeath] = {}
     for d in deaths:
         key = rdzv_ids.get(d.dead_id)
         if key is not None and (key not in first or d.time < first[key].time):

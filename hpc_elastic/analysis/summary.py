@@ -5,13 +5,23 @@ The time split is derived from events only, and only as far as they allow: rende
 failure (then it counts as *lost to failures*: the work since the last checkpoint is unknown, so
 this is an upper bound), until the next round's rendezvous (a membership change) or until the
 agents ended. The gap between a failure and the next rendezvous is *restarting*. Time between
-Slurm attempts counts as *queued* again (the requeued job waited for an allocation).
+Slurm attempts counts as *queued* again (the requeued job waited for an allocation). Whatever no
+event explains (e.g. an attempt whose agents never formed a round) is *other*, so the split
+always adds up to the wall time.
+
+Every disruption is listed with what it cost (``disruptions``): each worker-group restart (from
+the failure, or the membership change, until the next round had formed; plus the training since
+the round began, which a failure may have lost), each relaunch of a node's agent step and each
+new rendezvous generation by the batch supervisor (from the step's end until the node trained
+again), and each requeue (from the preemption signal until the next attempt trained).
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
+from hpc_elastic.excluded import read_excluded
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import ARRAY, read_members, spans_jobs
 
@@ -75,7 +85,8 @@ def _segments(m: JobModel) -> list[tuple[str, float, float]]:
 
 FAILURE_FIELDS = ("time", "error_time", "node", "attempt", "step", "round", "rank", "exitcode",
                   "message", "root", "secondary_to")
-PHASES = ("queued", "startup", "rendezvous", "training", "restarting", "lost to failures")
+PHASES = ("queued", "startup", "rendezvous", "training", "restarting", "lost to failures",
+          "other")
 
 
 def _lost_for_good(m: JobModel) -> set[str]:
@@ -94,6 +105,10 @@ def summarize(job: Job) -> dict[str, Any]:
         split[name] += b - a
     begin = m.submitted_at if m.submitted_at is not None else m.first_start
     wall = (m.last_event - begin) if begin is not None and m.last_event is not None else None
+    if wall is not None and wall - sum(split.values()) > 0.0005:
+        split["other"] = wall - sum(split.values())
+    batch = job.supervisor_events()
+    disruptions = _disruptions(m, batch)
     restarts = [r for r in m.rounds.values() if r.restart]
     failure_restarts = sum(1 for r in restarts if "failure" in r.restart_reasons)
     status = status_of(m)
@@ -127,11 +142,58 @@ def summarize(job: Job) -> dict[str, Any]:
         "root_cause": m.root_causes[0] if m.root_causes else None,
         "preemptions": m.preemptions,
         "requeues": m.requeues,
+        "step_relaunches": sum(1 for e in batch if e.get("kind") == "step.relaunched"),
+        "generations": 1 + sum(1 for e in batch if e.get("kind") == "generation.started"),
+        "spare_swaps": 0,  # hot spares are not built yet
+        "disruptions": disruptions,
+        "excluded_nodes": [r.to_json() for r in read_excluded(JobDir(job.path))],
         "node_health": health,
         "jobs": member_jobs(job, m),
         "events_read": m.events,
         "notes": job.notes,
     }
+
+
+def _disruptions(m: JobModel, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every disruption with its cost (see the module docstring), in time order."""
+    out: list[dict[str, Any]] = []
+    ordered = sorted((r for r in m.rounds.values() if r.start is not None and r.end is not None),
+                     key=lambda r: (r.attempt, r.step, r.round))
+    for prev, nxt in pairwise(ordered):
+        if (prev.attempt, prev.step) != (nxt.attempt, nxt.step):
+            continue
+        assert prev.end is not None and nxt.end is not None and nxt.start is not None
+        failed = prev.first_failure is not None and prev.first_failure >= prev.end
+        began = prev.first_failure if failed and prev.first_failure is not None else nxt.start
+        out.append({"kind": "restart", "reason": "failure" if failed else "membership change",
+                    "time": began, "attempt": nxt.attempt, "step": nxt.step,
+                    "round": nxt.round, "cost_s": round(nxt.end - began, 3),
+                    "lost_training_s": round(began - prev.end, 3) if failed else 0.0})
+    for e in batch:
+        kind = e.get("kind")
+        if kind not in ("step.relaunched", "generation.started"):
+            continue
+        nodes = [e.get("node")] if kind == "step.relaunched" else list(e.get("nodes") or [])
+        back = _trained_again(m, e.get("attempt"), nodes, e["time"])
+        out.append({"kind": "relaunch" if kind == "step.relaunched" else "generation",
+                    "time": e["time"], "nodes": nodes, "attempt": e.get("attempt"),
+                    "step": e.get("generation"),
+                    "cost_s": None if back is None else round(back - e["time"], 3)})
+    attempts = sorted(m.attempts)
+    for a, b in pairwise(attempts):
+        signals = [p["time"] for p in m.preemptions if p["attempt"] == a]
+        began = min(signals) if signals else m.attempt_spans[a][1]
+        firsts = [r.end for r in ordered if r.attempt == b and r.end is not None]
+        out.append({"kind": "requeue", "time": began, "attempt": b,
+                    "cost_s": round(min(firsts) - began, 3) if firsts else None})
+    return sorted(out, key=lambda d: d["time"])
+
+
+def _trained_again(m: JobModel, attempt: Any, nodes: list[Any], since: float) -> float | None:
+    """The end of the first round after ``since`` that all of ``nodes`` took part in."""
+    ends = [r.end for r in m.rounds.values() if r.attempt == attempt and r.end is not None
+            and r.end > since and set(nodes) <= r.participants]
+    return min(ends, default=None)
 
 
 def member_jobs(job: Job, m: JobModel) -> list[dict[str, Any]]:
@@ -176,6 +238,22 @@ def render(s: dict[str, Any]) -> str:
     out.append(f"attempts {s['attempts']}  worker-group restarts {s['restarts']} "
                f"({s['restarts_after_failure']} after a failure)  failures {s['failures_count']}"
                f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
+    if s["step_relaunches"] or s["generations"] > 1:
+        out.append(f"agent steps relaunched {s['step_relaunches']}  rendezvous generations "
+                   f"{s['generations']}")
+    if s["disruptions"]:
+        out.append("disruptions (what each cost until training ran again):")
+        for d in s["disruptions"]:
+            what = d["kind"] + (f" ({d['reason']})" if d.get("reason") else "")
+            if d.get("nodes"):
+                what += f" {','.join(str(n) for n in d['nodes'])}"
+            lost = (f", training lost <= {dur(d['lost_training_s'])}"
+                    if d.get("lost_training_s") else "")
+            out.append(f"  {iso(d['time'])} {what:<32} {dur(d['cost_s']):>9}{lost}")
+    if s["excluded_nodes"]:
+        out.append("excluded nodes (not used again by this run):")
+        out.extend(f"  {x['node']:<16} since {iso(x['time'])} (job {x['job_id']} attempt "
+                   f"{x['attempt']}): {x['reason']}" for x in s["excluded_nodes"])
     jobs = s.get("jobs") or []
     several_jobs = spans_jobs([j["kind"] for j in jobs])
     if several_jobs:
