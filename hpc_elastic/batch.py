@@ -47,6 +47,7 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ from hpc_elastic.excluded import exclude_node, excluded_names
 from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
-from hpc_elastic.slurm import SlurmError, cancel, run_slurm
+from hpc_elastic.slurm import SlurmError, cancel, exclude_nodes, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
 from hpc_elastic.telemetry.jsonl import JsonlWriter
@@ -394,13 +395,16 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
     attempt = int(env.get("SLURM_RESTART_COUNT", "0"))
     log = BatchLog(jobdir, job_id, attempt)
     allocated = hostnames(env.get("SLURM_JOB_NODELIST", ""))
+    if attempt > 0:
+        _exclude_dead_batch_host(jobdir, job_id, attempt - 1, log)
     excluded = set(excluded_names(jobdir))
     nodes = [n for n in allocated if n not in excluded]
     log.record("batch.start", f"job {job_id} attempt {attempt}: allocated "
                f"{','.join(allocated) or '-'}"
                + (f"; skipping excluded {','.join(sorted(excluded & set(allocated)))}"
                   if excluded & set(allocated) else ""),
-               allocated=allocated, excluded=sorted(excluded), nodes=nodes[:config.max_nodes])
+               allocated=allocated, excluded=sorted(excluded), nodes=nodes[:config.max_nodes],
+               host=env.get("SLURMD_NODENAME") or socket.gethostname())
     stop = _Stop(config.preemption.signal)
     try:
         if len(nodes) < config.min_nodes:
@@ -413,11 +417,51 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
             _cancel_members(jobdir, job_id, pending_only=True)
         else:
             _cancel_members(jobdir, job_id)
+        if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
+            _exclude_from_next_attempt(jobdir, job_id, log)
         log.record("batch.end", f"ending with {rc} (outcome {supervisor.outcome})", rc=rc,
                    outcome=supervisor.outcome, generation=supervisor.generation)
         return rc
     finally:
         log.close()
+
+
+def _exclude_from_next_attempt(jobdir: JobDir, job_id: str, log: BatchLog) -> None:
+    """The job was requeued (it pends now): ask Slurm not to give the next attempt the run's
+    excluded nodes. Should Slurm refuse, the next attempt's supervisor still skips them."""
+    failed = excluded_names(jobdir)
+    if not failed or not job_id:
+        return
+    try:
+        now = exclude_nodes(job_id, failed)
+        log.record("requeue.excluded", f"the requeued job will not get {','.join(failed)} "
+                   f"(ExcNodeList={','.join(now)})", nodes=failed)
+    except SlurmError as exc:
+        log.record("requeue.exclude_failed", f"could not set ExcNodeList: {exc}; the next "
+                   "attempt skips the excluded nodes itself", nodes=failed, error=str(exc))
+
+
+def _exclude_dead_batch_host(jobdir: JobDir, job_id: str, previous: int, log: BatchLog) -> None:
+    """The previous attempt's supervisor left no ``batch.end``: it died, and with it most likely
+    its node (Slurm requeues a job whose batch host fails). If Slurm no longer counts that node
+    usable, it is excluded like any lost node."""
+    path = jobdir.supervisor_events(job_id, previous)
+    if not path.exists():
+        return
+    records = list(read_jsonl(path))
+    starts = [r for r in records if r.get("kind") == "batch.start"]
+    if not starts or any(r.get("kind") == "batch.end" for r in records):
+        return
+    host = starts[-1].get("host")
+    if isinstance(host, str) and host and not usable([host]):
+        reason = f"the batch host of attempt {previous} died with its supervisor"
+        try:
+            new = exclude_node(jobdir, host, reason, job_id, previous)
+        except (OSError, ValueError) as exc:  # a name that cannot be a file name, a full disk
+            log.record("node.exclude_failed", f"cannot exclude {host!r}: {exc}", node=host)
+            return
+        log.record("node.excluded", f"{host} excluded from this run: {reason}", node=host,
+                   reason=reason, new=new)
 
 
 def _run_member(jobdir: JobDir, env: dict[str, str]) -> int:

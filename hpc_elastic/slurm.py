@@ -125,5 +125,21 @@ def cancel(*job_ids: str, pending_only: bool = False,
     run_slurm(["scancel", *(["--state=PENDING"] if pending_only else []), *job_ids], env=env)
 
 
+def exclude_nodes(job_id: str, nodes: Sequence[str],
+                  env: Mapping[str, str] | None = None) -> list[str]:
+    """Add ``nodes`` to a *pending* job's ``ExcNodeList`` (Slurm accepts the change only while
+    the job pends, e.g. right after ``scontrol requeue``); return the whole new list. The job's
+    own exclusions (``--exclude``) are kept."""
+    current: list[str] = []
+    for field in run_slurm(["scontrol", "show", "job", job_id, "--oneliner"], env=env).split():
+        if field.startswith("ExcNodeList=") and field != "ExcNodeList=(null)":
+            current = run_slurm(["scontrol", "show", "hostnames", field.split("=", 1)[1]],
+                                env=env).split()
+    wanted = sorted(set(current) | set(nodes))
+    run_slurm(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={','.join(wanted)}"],
+              env=env)
+    return wanted
+
+
 def requeue(job_id: str, env: Mapping[str, str] | None = None) -> None:
     run_slurm(["scontrol", "requeue", job_id], env=env)

@@ -174,3 +174,36 @@ def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path
     assert relaunch["nodes"] == ["n3"] and relaunch["cost_s"] is not None
     # Both of n3's agents were lost: the first one (replaced by the relaunch) too.
     assert [c["node"] for c in s["root_causes"] if c["kind"] == "node_lost"] == ["n3", "n3"]
+
+
+def test_requeued_attempt_excludes_a_dead_batch_host_and_asks_slurm_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 0's supervisor left no ``batch.end`` (its node died with it) and Slurm reports
+    that node down: attempt 1 excludes it and does not start an agent there (here the one node
+    left is below ``min_nodes``, so it starts none and says why). A requeue then asks Slurm to
+    leave the excluded nodes out of the next allocation (``ExcNodeList``)."""
+    jobdir = make_jobdir(tmp_path)
+    jobdir.supervisor.mkdir()
+    jobdir.supervisor_events("77", 0).write_text(json.dumps(
+        {"v": 1, "time": time.time(), "kind": "batch.start", "host": "n1"}) + "\n")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "down").write_text("n1\n")
+    env = {**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}",
+           "FAKE_SLURM_DIR": str(fake), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1,n2",
+           "SLURM_RESTART_COUNT": "1", "SLURMD_NODENAME": "n2"}
+    out = subprocess.run([sys.executable, "-m", "hpc_elastic", "batch", str(jobdir.path)],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "n1 excluded from this run: the batch host of attempt 0 died" in out.stdout
+    assert "only 1 usable node(s), min 2" in out.stdout
+    (record,) = read_excluded(jobdir)
+    assert (record.node, record.attempt) == ("n1", 0)
+    assert not list(jobdir.slurm_logs.glob("*_log.out")), "an agent step was started"
+
+    from hpc_elastic.batch import BatchLog, _exclude_from_next_attempt
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(fake))
+    _exclude_from_next_attempt(jobdir, "77", BatchLog(jobdir, "77", 1))
+    calls = (fake / "calls").read_text().splitlines()
+    assert "scontrol update JobId=77 ExcNodeList=n1" in calls
