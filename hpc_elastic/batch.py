@@ -62,7 +62,7 @@ from hpc_elastic.excluded import exclude_node, excluded_names
 from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
-from hpc_elastic.slurm import SlurmError, cancel, exclude_nodes, run_slurm
+from hpc_elastic.slurm import SlurmError, cancel, exclude_nodes, requeue, run_slurm
 from hpc_elastic.submit import read_job_config
 from hpc_elastic.telemetry import read_jsonl
 from hpc_elastic.telemetry.jsonl import JsonlWriter
@@ -328,6 +328,31 @@ class Supervisor:
         new = exclude_node(self.jobdir, node, reason, self.job_id, self.attempt)
         self.log.record("node.excluded", f"{node} excluded from this run: {reason}",
                         node=node, reason=reason, new=new)
+        if not self.member:
+            self._requeue_if_too_few()
+
+    def _requeue_if_too_few(self) -> None:
+        """Fewer agents run than ``min_nodes``, and this allocation cannot give more (its other
+        nodes are excluded or gone): the survivors would wait ``join_timeout`` and fail. Requeue
+        the job instead, as a preemption would (one claim per attempt, shared with the agents):
+        the next attempt resumes from the checkpoint on other nodes. Not when member jobs take
+        part: their nodes may keep the run at size, and only the lead can tell."""
+        if len(self.steps) >= self.config.min_nodes or not self.config.preemption.requeue:
+            return
+        if any(m.kind != LEAD for m in read_members(self.jobdir)):
+            return
+        claim = self.jobdir.path / "requeue" / f"attempt-{self.attempt}"
+        claim.parent.mkdir(exist_ok=True)
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+        except FileExistsError:
+            return  # an agent asked for a requeue already
+        self.log.record("batch.requeue", f"only {len(self.steps)} agent(s) left, min "
+                        f"{self.config.min_nodes}: requeueing the job", alive=len(self.steps))
+        try:
+            requeue(self.job_id)
+        except SlurmError as exc:
+            self.log.record("batch.requeue_failed", f"requeue failed: {exc}", error=str(exc))
 
     def _may_go_on(self) -> bool:
         """Whether a vanished agent may be replaced: nothing logged an outcome, nobody stops the

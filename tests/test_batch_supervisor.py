@@ -207,3 +207,32 @@ def test_requeued_attempt_excludes_a_dead_batch_host_and_asks_slurm_to(
     _exclude_from_next_attempt(jobdir, "77", BatchLog(jobdir, "77", 1))
     calls = (fake / "calls").read_text().splitlines()
     assert "scontrol update JobId=77 ExcNodeList=n1" in calls
+
+
+def test_too_few_nodes_left_requeues_the_job_without_the_lost_node(tmp_path: Path) -> None:
+    """2 nodes, ``min_nodes`` 2: one is lost. The survivor alone could only wait for
+    ``join_timeout``, so the supervisor requeues the job (once: the attempt's requeue claim)
+    and, once Slurm ends the attempt (SIGTERM, sent here by the test), asks Slurm to leave the
+    lost node out of the next allocation."""
+    jobdir = make_jobdir(tmp_path, "nodes=2:3")
+    fake = tmp_path / "fake"
+    batch = start_batch(jobdir, fake, ["n1", "n2"])
+    try:
+        wait_for("2 nodes training after a checkpoint", lambda: (
+            jobdir.checkpoints / "last.pt").exists() and all(
+            any(e["kind"] == "worker.started" for e in events(jobdir, n)) for n in ["n1", "n2"]),
+            timeout=120)
+        (fake / "down").write_text("n2\n")
+        kill_agent(jobdir, "n2")
+        wait_for("the supervisor's requeue", lambda: (fake / "calls").exists()
+                 and "scontrol requeue 77" in (fake / "calls").read_text(), timeout=60)
+        batch.send_signal(signal.SIGTERM)  # what Slurm does to the batch step after a requeue
+    finally:
+        output = finish(batch, timeout=90)
+    assert batch.returncode == 128 + signal.SIGTERM, output
+    calls = (fake / "calls").read_text().splitlines()
+    assert calls.count("scontrol requeue 77") == 1
+    assert "scontrol update JobId=77 ExcNodeList=n2" in calls
+    assert (jobdir.path / "requeue" / "attempt-0").exists()
+    assert events(jobdir, "n1")[-1]["kind"] == "shutdown"  # stopped, not failed
+    assert summary(jobdir)["requeues"] == 1

@@ -141,7 +141,8 @@ def summarize(job: Job) -> dict[str, Any]:
         "root_causes": m.root_causes,
         "root_cause": m.root_causes[0] if m.root_causes else None,
         "preemptions": m.preemptions,
-        "requeues": m.requeues,
+        # Asked for by an agent (preemption) or by the batch supervisor (too few nodes left).
+        "requeues": m.requeues + sum(1 for e in batch if e.get("kind") == "batch.requeue"),
         "step_relaunches": sum(1 for e in batch if e.get("kind") == "step.relaunched"),
         "generations": 1 + sum(1 for e in batch if e.get("kind") == "generation.started"),
         "spare_swaps": 0,  # hot spares are not built yet
