@@ -100,14 +100,14 @@ def _hold_lock_then_wait(root: str, ready) -> None:
     layout = RunLayout(Path(root), "run")
     lock = ProcessFileLock.for_path(layout.lock)
     with lock.hold(5):
-        layout.state_tmp.write_bytes(b"half a stat")  # a write in progress
+        (layout.versions / ".tmp-inprogress").write_bytes(b"half a stat")  # a write in progress
         ready.set()
         time.sleep(60)
 
 
 def _die_between_write_and_rename(root: str) -> None:
     store = StateFile(RunLayout(Path(root), "run"), 5)
-    os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die right before the rename
+    os.link = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # die right before the commit
     store.transact(lambda st: st.waiting.append("never") or True)
 
 

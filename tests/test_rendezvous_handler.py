@@ -253,7 +253,7 @@ def test_leftovers_of_a_crashed_run_do_not_confuse_a_new_one(tmp_path, shutdown_
     store.transact(lambda st: st.__dict__.update(
         State(round=7, phase="complete", participants=["ghost-1", "ghost-2"],
               endpoints={"ghost-1": "10.9.9.9:1", "ghost-2": "10.9.9.9:2"}).__dict__) or True)
-    probe._layout.state_tmp.write_bytes(b"torn write of a crashed writer")
+    (probe._layout.versions / ".tmp-crashed").write_bytes(b"torn write of a crashed writer")
     handlers = _handlers(tmp_path, 2, 2, 2)
     shutdown_later(handlers)
     infos = _rendezvous_all(handlers)

@@ -33,3 +33,20 @@ class LockingUnsupportedError(SharedFSConfigError):
 
 class StateCorruptError(SharedFSRendezvousError, RendezvousStateError):
     """The rendezvous state file exists but cannot be decoded (foreign or damaged file)."""
+
+
+class StateUnavailableError(SharedFSRendezvousError):
+    """The state could not be read through this node's filesystem client for a while
+    (``ESTALE``, ``ENOENT`` after a rename, partial contents: all retried first)."""
+
+
+class FencedError(SharedFSRendezvousError):
+    """This node can no longer take part safely: a write to the shared directory could not be
+    made durable (``fsync``/``close`` failed: the client lost its connection and maybe its lock),
+    or its own heartbeat could not be written for longer than the others wait for it.
+
+    The agent must stop its workers and leave: the other nodes re-form without it."""
+
+
+class RunIdInUseError(SharedFSConfigError):
+    """The run id (and attempt) is used by another, live run in the same directory."""

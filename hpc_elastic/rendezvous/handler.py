@@ -30,8 +30,9 @@ from torch.distributed.elastic.rendezvous.api import (
 )
 
 from . import protocol
+from .errors import FencedError, RunIdInUseError, SharedFSRendezvousError
 from .events import DEFAULT_DESTINATION, EventEmitter, logger
-from .heartbeat import HeartbeatWriter, LivenessObserver, watch_set
+from .heartbeat import UNKNOWN, HeartbeatWriter, LivenessObserver, watch_set
 from .layout import RunLayout
 from .locking import probe_flock
 from .settings import Settings
@@ -96,6 +97,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         self._hb_stop = threading.Event()
         self._nnw_cache: tuple[float, int] = (-1.0, 0)
         self._shut = False
+        #: Monotonic time of the last heartbeat that reached the filesystem (fsync succeeded),
+        #: and since when beats fail (None: the last one worked). See :meth:`_check_fenced`.
+        self._beat_ok_at = time.monotonic()
+        self._beat_failing_since: float | None = None
+        self._fenced: FencedError | None = None
 
     # ------------------------------------------------------------------------- identity, getters
     @property
@@ -133,13 +139,18 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         start = time.monotonic()
         deadline = start + s.join_timeout
         leaving = self._round
+        self._check_fenced()
         self._start_heartbeats()
         endpoint = f"{self._addr}:{free_port()}"
         self._events.emit("started", f"joining (leaving round {leaving})", leaving_round=leaving)
         try:
+            if leaving is None:
+                self._check_run_key(deadline)
             state = self._step(endpoint, leaving)
             state = self._wait(state, endpoint, leaving, start, deadline)
         except Exception as exc:
+            if isinstance(exc, FencedError):
+                self._fence(exc)
             self._events.emit(
                 "failed", f"{type(exc).__name__}: {exc}", error=type(exc).__name__,
                 duration_ms=round((time.monotonic() - start) * 1000, 3),
@@ -152,12 +163,60 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         done: list[str] = []
 
         def change(st: State) -> bool:
-            done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes)
+            done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes,
+                                    s.run_key)
             return bool(done)
 
         state = self._state_file.transact(change)
         self._report(done, state)
         return state
+
+    def _check_run_key(self, deadline: float) -> None:
+        """Refuse to merge into another live run that uses the same run id; take it over when
+        that run is dead (its members' heartbeats stood still for ``heartbeat_timeout``)."""
+        s = self._settings
+        if s.run_key is None:
+            return
+        try:
+            state = self._state_file.read()
+        except (OSError, SharedFSRendezvousError):
+            return  # the join itself retries and reports
+        if state is None or state.closed or state.key in (None, s.run_key):
+            return
+        foreign = state.key
+        others = [m for m in protocol.members(state) if m != self._node]
+        alive = self._any_heartbeat_moves(others, deadline)
+        if alive:
+            raise RunIdInUseError(
+                f"The rendezvous run id {s.run_id!r} in {str(self.run_dir)!r} is in use by "
+                f"another run that is alive (its key {foreign!r} is not this node's "
+                f"{s.run_key!r}; the heartbeat of {alive} moves). Two unrelated jobs must not "
+                "share a run id: pass another --rdzv-id (or --rdzv-conf attempt=N). If this "
+                "node does belong to that run, give it the same --rdzv-conf run_key."
+            )
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.take_over(st, foreign, s.run_key or "", s.min_nodes, s.max_nodes)
+            return bool(done)
+
+        self._report(done, self._state_file.transact(change))
+
+    def _any_heartbeat_moves(self, nodes: list[str], deadline: float) -> str | None:
+        """The first of ``nodes`` whose counter changes within ``heartbeat_timeout``."""
+        if not nodes:
+            return None
+        watcher = LivenessObserver(self._layout.heartbeats, self._settings.heartbeat_timeout,
+                                   self.fs_ops)
+        first = {n: watcher.read(n) for n in nodes}
+        end = min(deadline, time.monotonic() + self._settings.heartbeat_timeout)
+        while time.monotonic() < end:
+            time.sleep(min(self._settings.heartbeat_interval / 2, max(0.0, end - time.monotonic())))
+            for node in nodes:
+                value = watcher.read(node)
+                if value is not UNKNOWN and first[node] is not UNKNOWN and value != first[node]:
+                    return node
+        return None
 
     def _wait(self, state: State, endpoint: str, leaving: int | None, start: float,
               deadline: float) -> State:
@@ -187,7 +246,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             if now >= deadline:
                 self._give_up(state)
             if state.version != acted_on and protocol.wants_to_join(
-                    state, self._node, leaving, s.max_nodes):
+                    state, self._node, leaving, s.max_nodes, s.run_key):
                 acted_on = state.version
                 state = self._step(endpoint, leaving)
                 head, full_at = state.head(), time.monotonic()
@@ -206,15 +265,24 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             else:
                 last_call = None
             time.sleep(max(0.0, min(pause, wake - time.monotonic())))
-            new = self._state_file.read_head()
+            self._check_fenced()
+            try:
+                new = self._state_file.read_head()
+            except (OSError, SharedFSRendezvousError) as exc:
+                # ESTALE and friends were retried already; keep our view and poll again.
+                logger.debug("polling the rendezvous state failed: %s", exc)
+                new = None
             relevant = False
-            if new is not None and new.version != head.version:
+            if new is not None and new.version > head.version:
                 relevant = _matters(new) != _matters(head)
                 head = new
             pause = s.poll_interval if relevant else min(pause * 1.5, s.poll_interval_max)
             if head.version != state.version and (
                     relevant or time.monotonic() - full_at >= FULL_REFRESH):
-                state = self._state_file.read() or state
+                try:
+                    state = self._state_file.read() or state
+                except (OSError, SharedFSRendezvousError) as exc:
+                    logger.debug("reading the rendezvous state failed: %s", exc)
                 head, full_at = state.head(), time.monotonic()
 
     def _last_call(self, round_: int) -> State:
@@ -234,7 +302,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         world = len(state.participants)
         master_addr, _, port = state.endpoints[state.participants[0]].rpartition(":")
         path = self._layout.store(state.round, state.token)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # FileStore would make it 0644
+        # FileStore would make it 0644 and follow a planted symlink; we create it first.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         store = dist.FileStore(str(path), -1)
         store.set_timeout(timedelta(seconds=max(300.0, self._settings.join_timeout)))
         self._round = state.round
@@ -293,7 +362,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             elif kind == "dead":
                 self._events.emit("node_dead", f"declared {detail} dead", round=state.round,
                                   dead_node=detail)
-            elif kind in ("opened", "waiting", "resurrected", "left", "closed"):
+            elif kind in ("opened", "waiting", "resurrected", "left", "closed", "claimed"):
                 self._events.emit(kind, f"{kind} (round {state.round})", round=state.round)
 
     # ------------------------------------------------------------------- membership and closing
@@ -306,11 +375,18 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         re-form promptly even when their workers have not noticed the loss yet. The head of the
         state file is read at most once per ``poll_interval_max``.
         """
+        self._check_fenced()
         now = time.monotonic()
         when, value = self._nnw_cache
         if now - when < self._settings.poll_interval_max:
             return value
-        value = self._count_waiting()
+        try:
+            value = self._count_waiting()
+        except (OSError, SharedFSRendezvousError) as exc:
+            # Unreadable for now (retried already): nothing new to act on; fencing (above)
+            # ends this node if the filesystem stays away for too long.
+            logger.debug("num_nodes_waiting could not read the state: %s", exc)
+            return value
         self._nnw_cache = (now, value)
         return value
 
@@ -332,7 +408,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         consequence (a collective lost its peer), a membership change rather than a fault of the
         workers. Read fresh, not cached; a True answer also makes :meth:`num_nodes_waiting` say
         so at once, so that the agent re-forms without waiting for the next poll."""
-        head = self._state_file.read_head()
+        self._check_fenced()
+        try:
+            head = self._state_file.read_head()
+        except (OSError, SharedFSRendezvousError):
+            return False
         lost = bool(head and not head.closed and head.round == self._round
                     and head.phase == COMPLETE and head.nd > 0)
         if lost:
@@ -405,21 +485,72 @@ class SharedFSRendezvousHandler(RendezvousHandler):
     def _heartbeat_loop(self) -> None:
         cached: State | None = None
         while not self._hb_stop.wait(self._settings.heartbeat_interval):
+            self._beat()
+            # Judge the peers whatever happened to our own beat: a node whose heartbeat write
+            # fails must still find a frozen peer dead (a blind spot otherwise).
             try:
-                self._beater.beat()
                 head = self._state_file.read_head()
-                if head is None or head.closed:
-                    continue
-                if cached is None or cached.version != head.version:
-                    cached = self._state_file.read()
-                if cached is None:
-                    continue
+                if head is not None and (cached is None or cached.version != head.version):
+                    cached = self._state_file.read() or cached
+            except Exception:  # keep the last view; the files are retried on the next beat
+                logger.debug("heartbeat: could not read the state", exc_info=True)
+            if cached is None or cached.closed:
+                continue
+            try:
                 watched = watch_set(protocol.members(cached), self._node, WATCH_FANOUT)
                 dead = self._observer.observe(watched)
                 if dead and not self._hb_stop.is_set():
                     self._declare_dead(sorted(dead), dead)
-            except Exception:  # keep beating whatever happens; report once per failure
-                logger.warning("sharedfs heartbeat iteration failed", exc_info=True)
+            except FencedError as exc:
+                self._fence(exc)
+            except Exception:  # keep beating whatever happens
+                logger.warning("sharedfs heartbeat: judging the peers failed", exc_info=True)
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        try:
+            self._beater.beat()
+        except OSError as exc:
+            if self._beat_failing_since is None:
+                self._beat_failing_since = now
+                logger.warning("sharedfs heartbeat of %s could not be written: %s", self._node,
+                               exc)
+            return
+        if self._beat_failing_since is not None:
+            logger.warning("sharedfs heartbeat of %s written again after %.1f s", self._node,
+                           now - self._beat_failing_since)
+        self._beat_failing_since = None
+        self._beat_ok_at = now
+
+    def _fence(self, exc: FencedError) -> None:
+        if self._fenced is None:
+            self._fenced = exc
+            self._events.emit("fenced", str(exc), round=self._round, error=type(exc).__name__)
+
+    def _check_fenced(self) -> None:
+        """Raise :class:`FencedError` once this node must stop being a member of its group.
+
+        Either a write was not durable (a failed ``fsync``: the client lost its server and
+        maybe its lock), or no heartbeat of ours has reached the filesystem for
+        ``heartbeat_timeout - heartbeat_interval``: the others are about to declare this node
+        dead and re-form without it, so its workers must stop before that, not after -- they
+        would otherwise go on (and write checkpoints) as part of a group that no longer exists.
+        The agent sees the error in ``num_nodes_waiting``/``next_rendezvous``: torch stops
+        the workers and the agent ends with this message.
+        """
+        if self._fenced is None and self._beat_failing_since is not None:
+            s = self._settings
+            silent = time.monotonic() - self._beat_ok_at
+            if silent >= s.heartbeat_timeout - s.heartbeat_interval:
+                self._fence(FencedError(
+                    f"This node's heartbeat has not reached the shared rendezvous directory "
+                    f"{str(self.run_dir)!r} for {silent:.1f} s (heartbeat_timeout="
+                    f"{s.heartbeat_timeout:g} s): the other nodes will declare it dead and "
+                    "re-form without it, so it stops its workers and leaves the run. Check "
+                    "this node's network and filesystem client."
+                ))
+        if self._fenced is not None:
+            raise self._fenced
 
     def _declare_dead(self, nodes: list[str], silent: dict[str, float]) -> None:
         s = self._settings
@@ -429,7 +560,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             done[:] = protocol.declare_dead(st, nodes, s.min_nodes, s.max_nodes)
             return bool(done)
 
-        state = self._state_file.transact(change)
+        # Never wait long here: beats of this node wait meanwhile; retried next interval.
+        state = self._state_file.transact(change, timeout=s.heartbeat_interval)
         for what in done:
             kind, _, node = what.partition(":")
             if kind == "dead":

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SharedFSRendezvousError
 from .layout import FILE_MODE
-from .state import FsOps
+from .state import FsOps, read_owned
 
 _WIDTH = 20
 
@@ -38,16 +39,31 @@ class HeartbeatWriter:
         self.counter = 0
 
     def beat(self) -> None:
+        """Write the next counter value and make it durable; raise ``OSError`` if it is not.
+
+        ``fsync`` (and ``close``) are checked because a network filesystem client that lost
+        its server still lets ``write`` succeed: only they tell that the others will not see
+        this beat. The caller keeps the time of the last durable beat (fencing)."""
         self.counter += 1
         data = f"{self.counter:0{_WIDTH}d}\n".encode()
         self.ops.opens += 1
         self.ops.writes += 1
         # In place, no O_TRUNC: the width never changes, so a reader sees old or new digits.
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+        # O_NOFOLLOW: a symlink planted at our name is refused, never written through.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     FILE_MODE)
         try:
             os.pwrite(fd, data, 0)
+            os.fsync(fd)
         finally:
             os.close(fd)  # close() is what publishes the write to other NFS clients
+
+
+class _Unknown:
+    """A heartbeat that could not be read this time."""
+
+
+UNKNOWN = _Unknown()
 
 
 @dataclass
@@ -65,14 +81,19 @@ class LivenessObserver:
         self.ops = ops
         self._seen: dict[str, _Seen] = {}
 
-    def _read(self, node: str) -> bytes | None:
+    def read(self, node: str) -> bytes | None | _Unknown:
+        """The counter of ``node`` as bytes, ``None`` if it has none, or ``UNKNOWN``."""
         self.ops.opens += 1
         try:
-            with open(self.dir / node, "rb") as f:
-                self.ops.reads += 1
-                return f.read(64)
+            data = read_owned(self.dir / node, limit=64)
+            self.ops.reads += 1
+            return data
         except FileNotFoundError:
             return None
+        except (OSError, SharedFSRendezvousError):
+            # ESTALE, a reconnecting client, a foreign file: we cannot tell, so this read
+            # neither proves progress nor counts as silence.
+            return UNKNOWN
 
     def observe(self, nodes: list[str], now: float | None = None) -> dict[str, float]:
         """Read the counters of ``nodes``; return ``{node: silent_seconds}`` for the dead ones.
@@ -86,7 +107,9 @@ class LivenessObserver:
         for gone in [n for n in self._seen if n not in watched]:
             del self._seen[gone]
         for node in nodes:
-            value = self._read(node)
+            value = self.read(node)
+            if value is UNKNOWN:
+                continue
             seen = self._seen.get(node)
             if seen is None:
                 self._seen[node] = _Seen(value, now)

@@ -2,8 +2,9 @@
 
 ``<root>/<run_id>[.attempt-<a>]/``::
 
-    state.json          the shared state; replaced atomically (write temp + rename), never edited
-    state.json.tmp      scratch of the lock holder (a dead writer's leftover is harmless)
+    versions/<v>        version v of the shared state (12 digits); immutable, committed by link
+    versions/.tmp-<r>   a writer's scratch (random name, O_EXCL); a dead writer's is harmless
+    state.json          polling hint: a second name of a recent version, renamed over each time
     state.lock          flock'd around every read-modify-write; never written, never deleted
     hb/<node>           heartbeat counter of one node; exactly one writer (that node)
     stores/r<N>-<tok>   torch FileStore of round N (token random per round); never deleted while
@@ -50,8 +51,11 @@ class RunLayout:
         return self.run_dir / "state.json"
 
     @property
-    def state_tmp(self) -> Path:
-        return self.run_dir / "state.json.tmp"
+    def versions(self) -> Path:
+        return self.run_dir / "versions"
+
+    def version(self, number: int) -> Path:
+        return self.versions / f"{number:012d}"
 
     @property
     def lock(self) -> Path:
@@ -72,10 +76,12 @@ class RunLayout:
         return self.stores / f"r{round_}-{token}"
 
     def create(self) -> None:
-        """Create the run directory tree (mode 0700) and prove that it is writable.
+        """Create the run directory tree (mode 0700), check it is ours, prove it is writable.
 
         Fails with one clear paragraph instead of a traceback deep in torch when the root is
-        missing, read-only, or not a directory.
+        missing, read-only, or not a directory -- and when a directory of the run exists but
+        belongs to someone else or others can write it: run ids are predictable, and another
+        user who pre-created the directory could plant symlinks or forge the state.
         """
         root = self.root
         if not root.exists():
@@ -88,22 +94,71 @@ class RunLayout:
                 f"The rendezvous endpoint {str(root)!r} exists but is not a directory. Pass a "
                 "directory on a filesystem every node mounts (torchrun: --rdzv-endpoint=/path)."
             )
-        for path in (self.run_dir, self.heartbeats, self.stores):
+        check_root(root)
+        for path in (self.run_dir, self.heartbeats, self.stores, self.versions):
             try:
                 path.mkdir(mode=DIR_MODE, exist_ok=True)
             except OSError as exc:
                 raise _unusable(path, exc) from exc
-            if path.is_symlink() or not stat.S_ISDIR(path.lstat().st_mode):
-                raise SharedFSConfigError(
-                    f"{str(path)!r} is not a plain directory (a symlink or a file is in the "
-                    "way). Remove it or choose another run id."
-                )
+            check_own_dir(path)
         try:
             fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.run_dir)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
             raise _unusable(self.run_dir, exc) from exc
+
+
+def check_own_dir(path: Path) -> None:
+    """Refuse a directory of the run that is a symlink, not ours, or writable by others."""
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise _unusable(path, exc) from exc
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise SharedFSConfigError(
+            f"{str(path)!r} is not a plain directory (a symlink or a file is in the way). "
+            "Remove it or choose another run id."
+        )
+    if info.st_uid != os.geteuid():
+        raise SharedFSConfigError(
+            f"The rendezvous directory {str(path)!r} belongs to {_user(info.st_uid)}, not to "
+            f"this user ({_user(os.geteuid())}): someone else created it, and could have "
+            "planted links or forged state in it. It is not used. Choose another run id "
+            "(torchrun --rdzv-id) or rendezvous directory, and let the owner remove it."
+        )
+    if info.st_mode & 0o022:
+        raise SharedFSConfigError(
+            f"The rendezvous directory {str(path)!r} has mode {oct(info.st_mode & 0o7777)}: "
+            "other users can write into it, and could plant links or forge the state. It is not "
+            f"used. If you made it so on purpose, 'chmod 700 {path}'; otherwise remove it, or "
+            "choose another run id."
+        )
+
+
+def check_root(root: Path) -> None:
+    """The endpoint may be shared (e.g. a project directory), but not a free-for-all.
+
+    Another user who can write the root without the sticky bit could rename our run directory
+    away and put their own in its place, so such a root is refused; a sticky one (like /tmp)
+    is fine, because there only the owner of an entry may move or remove it."""
+    info = os.stat(root)
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise SharedFSConfigError(
+            f"The rendezvous endpoint {str(root)!r} has mode {oct(info.st_mode & 0o7777)}: "
+            "other users can write into it without the sticky bit, so they could replace a "
+            "run's directory. Use a directory only you can write (its run directories are "
+            "created 0700), or set the sticky bit on the shared one (chmod +t)."
+        )
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
 
 
 def _unusable(path: Path, exc: OSError) -> SharedFSConfigError:

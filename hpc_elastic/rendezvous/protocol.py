@@ -24,15 +24,20 @@ from .state import COMPLETE, JOINING, State, new_token
 
 
 def join(state: State, node: str, endpoint: str, leaving_round: int | None,
-         min_nodes: int, max_nodes: int) -> list[str]:
+         min_nodes: int, max_nodes: int, key: str | None = None) -> list[str]:
     """The one step a node in ``next_rendezvous`` takes; idempotent once it is where it belongs.
 
     ``leaving_round`` is the round this node was a member of before this call (``None`` on the
-    first call); being in a complete round with that number means "I am leaving it".
+    first call); being in a complete round with that number means "I am leaving it". ``key``
+    (the run key) is recorded by the first node that has one; the handler refuses to join a
+    state with another key while that run lives (:func:`take_over` once it is dead).
     """
     if state.closed:
         return []
     done: list[str] = []
+    if key is not None and state.key is None:
+        state.key = key
+        done.append("claimed")
     if node in state.dead:
         # We are obviously alive: a stall (NFS hiccup, SIGSTOP) made someone declare us dead.
         state.dead.remove(node)
@@ -66,13 +71,16 @@ def join(state: State, node: str, endpoint: str, leaving_round: int | None,
     return done
 
 
-def wants_to_join(state: State, node: str, leaving_round: int | None, max_nodes: int) -> bool:
+def wants_to_join(state: State, node: str, leaving_round: int | None, max_nodes: int,
+                  key: str | None = None) -> bool:
     """Whether :func:`join` would change ``state`` — without copying it (pollers call this often).
 
     Must agree with :func:`join` exactly; a randomized test checks that it does.
     """
     if state.closed:
         return False
+    if key is not None and state.key is None:
+        return True
     if node in state.dead:
         return True
     if state.phase == JOINING:
@@ -173,6 +181,17 @@ def leave(state: State, node: str) -> list[str]:
         state.endpoints.pop(node, None)
         touched = True
     return ["left"] if touched else []
+
+
+def take_over(state: State, foreign_key: str | None, key: str, min_nodes: int,
+              max_nodes: int) -> list[str]:
+    """Claim a run id whose previous run (key ``foreign_key``) is dead: its members are recorded
+    dead (the caller watched their heartbeats stand still) and ``key`` becomes the owner."""
+    if state.closed or state.key != foreign_key:
+        return []
+    done = declare_dead(state, members(state), min_nodes, max_nodes)
+    state.key = key
+    return [*done, "claimed"]
 
 
 def close(state: State) -> list[str]:

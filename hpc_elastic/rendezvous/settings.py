@@ -20,6 +20,7 @@ from .errors import SharedFSConfigError
 LOCK_MODES = ("flock",)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 #: ``--rdzv-conf`` keys and their defaults (seconds for every ``*_timeout``/``*_interval``).
 DEFAULTS: dict[str, Any] = {
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "poll_interval_max": 0.2,
     "lock_mode": "flock",
     "attempt": None,
+    "run_key": None,
 }
 
 #: Keys torch itself puts into ``rdzv_configs`` (``LaunchConfig`` always adds ``timeout``) or
@@ -94,11 +96,21 @@ class Settings:
     poll_interval_max: float = DEFAULTS["poll_interval_max"]
     lock_mode: str = DEFAULTS["lock_mode"]
     attempt: str | None = None
+    #: Which run this node belongs to, when the run id alone may not say (torchrun: the Slurm
+    #: job, or a digest of the command line). Nodes with another key find the run id taken.
+    run_key: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.run_id, "run id", "the run id")
         if self.attempt is not None:
             check_name(self.attempt, "attempt", "attempt")
+        if self.run_key is not None and (not isinstance(self.run_key, str)
+                                         or not _KEY.match(self.run_key)):
+            raise SharedFSConfigError(
+                f"The rendezvous setting run_key={self.run_key!r} must be 1-128 characters of "
+                "letters, digits, '.', '_', ':' or '-' (e.g. the Slurm job id). Fix "
+                "--rdzv-conf run_key=... (or run_key= of create_handler)."
+            )
         for key in ("min_nodes", "max_nodes"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -177,6 +189,7 @@ class Settings:
                     f"settings: {known}. Check the spelling in --rdzv-conf."
                 )
             values[key] = value
-        if values.get("attempt") is not None:
-            values["attempt"] = str(values["attempt"])
+        for key in ("attempt", "run_key"):
+            if values.get(key) is not None:
+                values[key] = str(values[key])
         return cls(run_id=run_id, min_nodes=min_nodes, max_nodes=max_nodes, **values)

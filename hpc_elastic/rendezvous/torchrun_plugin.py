@@ -11,7 +11,11 @@ level and defers everything to the moment a handler is actually created.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,9 +41,38 @@ def create_from_parameters(params: RendezvousParameters) -> RendezvousHandler:
             "absolute path of a directory on a filesystem every node mounts at the same path "
             "(e.g. --rdzv-endpoint=/shared/project/rdzv), not a host:port."
         )
-    settings = Settings.from_config(params.run_id, params.min_nodes, params.max_nodes,
-                                    params.config)
+    config = dict(params.config)
+    if config.get("run_key") is None:
+        config["run_key"] = default_run_key(params.min_nodes, params.max_nodes)
+    settings = Settings.from_config(params.run_id, params.min_nodes, params.max_nodes, config)
     return SharedFSRendezvousHandler(endpoint, settings, local_addr=params.local_addr)
+
+
+def default_run_key(min_nodes: int, max_nodes: int) -> str | None:
+    """What tells this torchrun's run apart from an unrelated one that uses the same --rdzv-id.
+
+    Inside Slurm: the job id (every node of one torchrun job runs in the same Slurm job).
+    Otherwise: a digest of what every node of one run has in common on its command line --
+    ``--nnodes``, ``--nproc-per-node`` and the training command with its arguments (not
+    ``--node-rank`` or ``--local-addr``, which differ per node). Two runs launched with
+    identical commands cannot be told apart (use distinct --rdzv-id values). ``None`` when
+    this process is not torchrun: no check, as before. ``--rdzv-conf run_key=...`` overrides.
+    """
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if re.fullmatch(r"[0-9]{1,20}", job):
+        return f"slurm-{job}"
+    if os.path.basename(sys.argv[0]) not in ("torchrun", "run.py"):
+        return None
+    try:
+        from torch.distributed.run import parse_args
+
+        args = parse_args(sys.argv[1:])
+    except (Exception, SystemExit):
+        return None
+    what = [min_nodes, max_nodes, str(args.nproc_per_node), bool(args.module),
+            bool(args.no_python), args.training_script, list(args.training_script_args)]
+    digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+    return f"cmd-{digest}"
 
 
 def sharedfs_handler_creator():

@@ -1,0 +1,175 @@
+"""Issue 18 part 1 on local disk: the state stays correct through a client that caches, returns
+ESTALE, lags in its listings and reads short -- and a write that is not durable is never
+committed (fencing). The same tests across real GlusterFS mounts live in
+``test_rendezvous_gluster.py``; here the faults are injected (``rendezvous_helpers/flaky.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rendezvous_helpers import flaky  # noqa: E402
+
+from hpc_elastic.rendezvous import create_handler  # noqa: E402
+from hpc_elastic.rendezvous.errors import FencedError  # noqa: E402
+from hpc_elastic.rendezvous.layout import RunLayout  # noqa: E402
+from hpc_elastic.rendezvous.state import State, StateFile  # noqa: E402
+
+FORK = multiprocessing.get_context("fork")
+WRITERS = 8
+UPDATES = 20
+
+
+def _layout(tmp_path: Path) -> RunLayout:
+    layout = RunLayout(tmp_path / "rdzv", "run")
+    layout.create()
+    return layout
+
+
+def _flaky_writer(root: str, who: int, updates: int) -> None:
+    flaky.install(seed=who)
+    store = StateFile(RunLayout(Path(root), "run"), lock_timeout=60)
+    for j in range(updates):
+        store.transact(lambda st, j=j: st.waiting.append(f"w{who}-{j}") or True)
+        store.read_head()  # pollers' path through the same faults
+
+
+def _flaky_cas_writer(root: str, who: int, updates: int) -> None:
+    """Lock-free read through the flaky client (often stale), then compare-and-set."""
+    flaky.install(seed=100 + who)
+    store = StateFile(RunLayout(Path(root), "run"), lock_timeout=60)
+    done = 0
+    while done < updates:
+        try:
+            current = store.read() or State()
+        except Exception:  # noqa: BLE001 - an unreadable moment: poll again
+            continue
+        new = current.copy()
+        new.prev.append(f"c{who}-{done}")
+        ok, _ = store.compare_and_set(new, current.version)
+        done += ok
+
+
+def test_no_update_is_lost_through_caching_estale_and_short_reads(tmp_path):
+    layout = _layout(tmp_path)
+    procs = [FORK.Process(target=_flaky_writer, args=(str(layout.root), i, UPDATES))
+             for i in range(WRITERS // 2)]
+    procs += [FORK.Process(target=_flaky_cas_writer, args=(str(layout.root), i, UPDATES // 2))
+              for i in range(WRITERS // 2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=180)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    final = StateFile(layout, 5).read()
+    assert sorted(final.waiting) == sorted(
+        f"w{i}-{j}" for i in range(WRITERS // 2) for j in range(UPDATES)), "a transaction lost"
+    assert sorted(final.prev) == sorted(
+        f"c{i}-{j}" for i in range(WRITERS // 2) for j in range(UPDATES // 2)), "a CAS lost"
+    assert final.version == (WRITERS // 2) * (UPDATES + UPDATES // 2), "one version per change"
+
+
+def test_a_reader_never_goes_back_to_an_older_version(tmp_path):
+    layout = _layout(tmp_path)
+    writer = StateFile(layout, 5)
+    reader = StateFile(layout, 5)
+    undo = flaky.install(seed=7, estale=0.3, stale_hint=0.9)
+    try:
+        seen = 0
+        for i in range(60):
+            writer.transact(lambda st, i=i: st.waiting.append(f"n{i}") or True)
+            head = reader.read_head()
+            state = reader.read()
+            assert head is not None and state is not None
+            assert head.version >= seen and state.version >= head.version
+            seen = state.version
+        assert reader.read().version == 60, "the newest version is found by name, not cache"
+    finally:
+        undo()
+
+
+def test_a_write_that_is_not_durable_is_never_committed(tmp_path, monkeypatch):
+    """A partitioned GlusterFS client: write() succeeds, fsync() fails EBADFD (its lock is
+    gone). The change must not count, and the error must say the node has to leave."""
+    layout = _layout(tmp_path)
+    store = StateFile(layout, 5)
+    store.transact(lambda st: st.waiting.append("before") or True)
+
+    def lost(fd):
+        raise OSError(errno.EBADFD, "File descriptor in bad state")
+
+    monkeypatch.setattr(os, "fsync", lost)
+    with pytest.raises(FencedError, match="EBADFD") as info:
+        store.transact(lambda st: st.waiting.append("after") or True)
+    assert "stops its workers" in str(info.value)
+    monkeypatch.undo()
+    other = StateFile(layout, 5)
+    assert other.read().waiting == ["before"] and other.read().version == 1
+    assert sorted(os.listdir(layout.versions)) == ["000000000001"], "no scratch file left"
+
+
+def test_a_node_whose_heartbeat_cannot_be_made_durable_fences_itself(tmp_path):
+    conf = {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.8, "join_timeout": 10,
+            "last_call_timeout": 1}
+    h = create_handler(tmp_path, "run", 1, 1, local_addr="127.0.0.1", **conf)
+    try:
+        h.next_rendezvous()
+        assert h.num_nodes_waiting() == 0
+
+        def fail():
+            raise OSError(errno.EBADFD, "File descriptor in bad state")
+
+        h._beater.beat = fail
+        failing = time.monotonic()
+        while time.monotonic() - failing < 0.5:
+            assert h.num_nodes_waiting() == 0, "a short hiccup is not fatal"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        with pytest.raises(FencedError, match="heartbeat has not reached"):
+            while time.monotonic() < deadline:
+                h.num_nodes_waiting()
+                time.sleep(0.05)
+        fenced_after = time.monotonic() - failing
+        assert fenced_after < 0.8 + 0.5, "fenced before the others may declare it dead"
+        with pytest.raises(FencedError):
+            h.next_rendezvous()
+    finally:
+        h._hb_stop.set()
+
+
+def test_polls_survive_estale_and_missing_state_files(tmp_path):
+    """Several handlers form rounds while every state read may hit ESTALE/ENOENT/short reads."""
+    undo = flaky.install(seed=3, estale=0.3)
+    try:
+        conf = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0, "join_timeout": 30,
+                "last_call_timeout": 5}
+        handlers = [create_handler(tmp_path, "run", 3, 3, local_addr="127.0.0.1", **conf)
+                    for _ in range(3)]
+        for _ in range(2):
+            results: dict[int, object] = {}
+            threads = [threading.Thread(target=lambda i=i, h=h, r=results: r.setdefault(
+                i, h.next_rendezvous())) for i, h in enumerate(handlers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(40)
+            assert len(results) == 3, "a node failed or hung"
+            assert sorted(r.rank for r in results.values()) == [0, 1, 2]
+        for h in handlers:
+            h.shutdown()
+    finally:
+        undo()
