@@ -107,6 +107,7 @@ def test_a_write_that_is_not_durable_is_never_committed(tmp_path, monkeypatch):
     gone). The change must not count, and the error must say the node has to leave."""
     layout = _layout(tmp_path)
     store = StateFile(layout, 5)
+    store.sync = True  # as on a shared filesystem (local disk needs no fsync)
     store.transact(lambda st: st.waiting.append("before") or True)
 
     def lost(fd):

@@ -228,7 +228,7 @@ def test_two_unrelated_torchrun_runs_with_one_rdzv_id_do_not_merge(tmp_path):
                 f"--rdzv-conf={conf}", str(WORKER), "--out", str(cluster.out),
                 "--steps", steps, "--step-time", "0.1"])
 
-        torchrun("first", "100")
+        torchrun("first", "3000")  # runs until cleanup kills it
         deadline = time.monotonic() + 60
         while not cluster.records("progress") and time.monotonic() < deadline:
             time.sleep(0.1)

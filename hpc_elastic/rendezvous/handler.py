@@ -90,7 +90,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         self._state_file = StateFile(self._layout, settings.lock_timeout, self.fs_ops)
         self._addr = local_addr or socket.getfqdn()
         self._round: int | None = None
-        self._beater = HeartbeatWriter(self._layout.heartbeat(self._node), self.fs_ops)
+        self._beater = HeartbeatWriter(self._layout.heartbeat(self._node), self.fs_ops,
+                                       sync=self._state_file.sync)
         self._observer = LivenessObserver(self._layout.heartbeats, settings.heartbeat_timeout,
                                           self.fs_ops)
         self._hb_thread: threading.Thread | None = None

@@ -33,10 +33,13 @@ _WIDTH = 20
 class HeartbeatWriter:
     """Advances this node's counter. Only the owning node ever creates an instance for a file."""
 
-    def __init__(self, path: Path, ops: FsOps) -> None:
+    def __init__(self, path: Path, ops: FsOps, sync: bool = True) -> None:
         self.path = path
         self.ops = ops
         self.counter = 0
+        #: fsync each beat (on a shared filesystem: a failed fsync is how a client that lost
+        #: its server finds out; see layout.is_local_fs).
+        self.sync = sync
 
     def beat(self) -> None:
         """Write the next counter value and make it durable; raise ``OSError`` if it is not.
@@ -54,7 +57,8 @@ class HeartbeatWriter:
                      FILE_MODE)
         try:
             os.pwrite(fd, data, 0)
-            os.fsync(fd)
+            if self.sync:
+                os.fsync(fd)
         finally:
             os.close(fd)  # close() is what publishes the write to other NFS clients
 

@@ -109,6 +109,36 @@ class RunLayout:
             raise _unusable(self.run_dir, exc) from exc
 
 
+#: Filesystems whose every reader is on this machine: a write is visible to all of them at once,
+#: and fsync would only add durability across a crash of the machine, which ends every "node"
+#: of such a run anyway. Anything else (nfs, fuse.glusterfs, lustre, gpfs, ceph, ...) is shared.
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "overlay",
+                      "zfs", "f2fs", "jfs", "reiserfs"})
+
+
+def is_local_fs(path: Path) -> bool:
+    """Whether ``path`` lies on a filesystem of this machine only (from /proc/self/mounts).
+
+    Decides whether writes are ``fsync``ed: on a shared filesystem the fsync result is what
+    tells a client that lost its server (fencing); on local disk it costs ~6 ms per write for
+    nothing. Unknown: treated as shared (the safe side)."""
+    try:
+        target = os.path.realpath(path)
+        best, kind = "", ""
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, kind = point, fields[2]
+        return kind in LOCAL_FS
+    except OSError:
+        return False
+
+
 def check_own_dir(path: Path) -> None:
     """Refuse a directory of the run that is a symlink, not ours, or writable by others."""
     try:

@@ -49,7 +49,7 @@ from typing import Any
 
 from .errors import FencedError, StateCorruptError, StateUnavailableError
 from .events import logger
-from .layout import FILE_MODE, RunLayout
+from .layout import FILE_MODE, RunLayout, is_local_fs
 from .locking import ProcessFileLock
 
 JOINING = "joining"
@@ -307,9 +307,10 @@ def read_owned(path: os.PathLike | str, first_line_only: bool = False,
         os.close(fd)
 
 
-def write_new(directory: os.PathLike | str, data: bytes, prefix: str = ".tmp-") -> str:
+def write_new(directory: os.PathLike | str, data: bytes, sync: bool = True,
+              prefix: str = ".tmp-") -> str:
     """Create a private file with an unpredictable name (``O_EXCL|O_NOFOLLOW``), write ``data``,
-    ``fsync`` and close it, checking both; return its path.
+    ``fsync`` (if ``sync``) and close it, checking both; return its path.
 
     A failed ``fsync`` or ``close`` is what a client that lost its connection to the server (and
     with it, on GlusterFS, its locks) sees while its ``write`` still "succeeded": raised as
@@ -323,7 +324,8 @@ def write_new(directory: os.PathLike | str, data: bytes, prefix: str = ".tmp-") 
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -354,6 +356,10 @@ class StateFile:
         self._lock = ProcessFileLock.for_path(layout.lock)
         #: The newest version this object has seen (read or written): never go below it.
         self._known: State | None = None
+        #: The newest version number seen in any head (the hint): ``read`` returns no older one.
+        self._floor = 0
+        #: fsync each version before it counts (on a shared filesystem; see layout.is_local_fs).
+        self.sync = not is_local_fs(layout.root)
 
     # -------------------------------------------------------------------------------- reading
     def read_head(self) -> Head | None:
@@ -367,6 +373,8 @@ class StateFile:
         hint = self._read_hint()
         best = hint if hint is not None and (known is None or hint.version > known.version) \
             else known
+        if best is not None:
+            self._floor = max(self._floor, best.version)
         after = (best.version if best is not None else 0) + 1
         self.ops.opens += 1
         if os.path.lexists(self.layout.version(after)):
@@ -383,6 +391,7 @@ class StateFile:
         :class:`StateUnavailableError` when the newest version stays unreadable for ~1 s.
         """
         known = self._known
+        at_least = max(at_least, self._floor)
         for _ in range(READ_RETRIES):
             newest = max(self._newest_name(), at_least)
             if known is not None and known.version >= newest:
@@ -550,7 +559,7 @@ class StateFile:
         target = self.layout.version(state.version)
         self.ops.opens += 1
         self.ops.writes += 1
-        tmp = write_new(versions, state.encode())
+        tmp = write_new(versions, state.encode(), self.sync)
         try:
             self.ops.renames += 1
             os.link(tmp, target)
