@@ -145,11 +145,33 @@ mkdir -p "$STATE"/{etc,pids,run,log,ctld,spool,munge}
 # a killed process group of the caller does not reach it), output to log/NAME.out, and record
 # its PID. fd 9 (our lock) is closed for it, else the daemon would hold the lock for good.
 # HPC_ELASTIC_SLURM_DIR in its environment marks it as ours (pid_of in common.sh).
+#
+# Returns only once the background child has exec'd the daemon (or died). Until its exec the
+# child is a copy of this shell: its command line is start.sh's and its environment lacks the
+# marker, so pid_of would call it "not ours" -- and a wait_until in that window reported
+# "munged exited while starting" for a munged that was running fine (the start race of
+# issue 13: it hit when the child was scheduled later than our first, failing, probe).
 launch() {
-    local name=$1
+    local name=$1 pid i
     shift
     HPC_ELASTIC_SLURM_DIR=$STATE setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 9>&- &
-    echo $! >"$STATE/pids/$name.pid"
+    pid=$!
+    echo "$pid" >"$STATE/pids/$name.pid"
+    for ((i = 0; i < 500; i++)); do
+        alive "$name" && return 0
+        running "$pid" || return 0 # exec failed or the daemon died at once: wait_until tells
+        sleep 0.01
+    done
+    log "$name (pid $pid) did not exec within 5 s"
+}
+
+# running PID: the process exists and is not a zombie (whoever it is now)
+running() {
+    local stat
+    # (read, not $(<...): under set -e a failed $(<file) ends the whole script)
+    { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+    stat=${stat##*) } # after "PID (comm) ": the state letter first
+    [ -n "$stat" ] && [ "${stat:0:1}" != Z ]
 }
 
 # wait_until SECONDS WHAT CMD...: poll CMD every 0.1 s. When WHAT is the name of a daemon we
@@ -161,7 +183,8 @@ wait_until() {
     # a deadline in wall time: one probe can itself take seconds (a client retrying munge)
     while ((SECONDS < deadline)); do
         "$@" >/dev/null 2>&1 && return 0
-        if [ -e "$STATE/pids/$what.pid" ] && ! alive "$what"; then
+        # died = its recorded process is gone (or a zombie): launch() waited for its exec
+        if [ -s "$STATE/pids/$what.pid" ] && ! running "$(<"$STATE/pids/$what.pid")"; then
             log "$what exited while starting"
             return 1
         fi
