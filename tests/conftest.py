@@ -7,13 +7,22 @@
 # --- Slurm test cluster (tests/slurm_cluster/) ------------------------------------------------
 # `slurm_cluster`: session-scoped, a real multi-node Slurm cluster on loopback (SlurmCluster:
 # .env, .nodes, .partition, .state_dir, .sbatch(), .wait_job(), .kill_node(), .heal(), ...).
-# Tests marked @pytest.mark.slurm get it automatically; without a cluster they skip, or fail
-# when CI=true. Details: tests/slurm_cluster/README.md.
-from isolation import isolated_slurm_and_state  # noqa: F401  (fixtures are found by name)
+# Tests marked @pytest.mark.slurm get it automatically; without a cluster they error (never
+# skip; leave them out explicitly with -m "not slurm"). Details: tests/slurm_cluster/README.md.
+from isolation import isolated_slurm_and_state  # noqa: F401, I001  (fixtures are found by name)
 from slurm_cluster.fixture import (  # noqa: F401  (fixtures are found by name)
     SlurmCluster,
     _slurm_marker_needs_cluster,
     slurm_cluster,
+)
+
+# --- GlusterFS clients without Slurm (tests/sharedfs/) -------------------------------------------
+# `sharedfs_clients(k, profile)`: K real GlusterFS clients of one volume, each in its own
+# "node", same path everywhere (see tests/sharedfs/__init__.py). Marked `sharedfs` (= slurm).
+from sharedfs.fixture import (  # noqa: F401
+    pytest_collection_modifyitems,
+    sharedfs,
+    sharedfs_clients,
 )
 
 # --- (next section) ----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install the Debian packages the private Slurm test cluster needs (Debian 12: Slurm 22.05,
-# MUNGE 0.5, MariaDB 10.11). Does nothing when every program is already there, so it is cheap
-# to call before every test run. Needs root (apt-get); on a machine without apt-get it only
-# reports what is missing.
+# Install the Debian packages the private Slurm test cluster and the GlusterFS test server need
+# (Debian 12: Slurm 22.05, MUNGE 0.5, MariaDB 10.11, GlusterFS 10.3, iproute2). Does nothing
+# when every program is already there, so it is cheap to call before every test run. Needs
+# root (apt-get); on a machine without apt-get it only reports what is missing.
 set -euo pipefail
 
 # program -> Debian package that ships it
@@ -23,6 +23,17 @@ declare -A PKG_OF=(
     [mariadb-admin]=mariadb-client
     [flock]=util-linux
     [setsid]=util-linux
+    [nsenter]=util-linux
+    [unshare]=util-linux
+    [mountpoint]=util-linux
+    # the GlusterFS file server and FUSE client (tests/sharedfs), namespaces and links
+    [glusterd]=glusterfs-server
+    [glusterfsd]=glusterfs-common
+    [gluster]=glusterfs-cli
+    [glusterfs]=glusterfs-client
+    [ip]=iproute2
+    [bridge]=iproute2
+    [tc]=iproute2
 )
 
 missing=()
@@ -34,7 +45,7 @@ for prog in "${!PKG_OF[@]}"; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-deps: slurm, munge, slurmdbd and mariadb are installed"
+    echo "install-deps: slurm, munge, slurmdbd, mariadb, glusterfs and iproute2 are installed"
     exit 0
 fi
 
@@ -49,8 +60,8 @@ SUDO=()
 [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
 
 # policy-rc.d exit 101 keeps the packages' maintainer scripts from starting the *system*
-# munge/mariadb/slurm services during the install: the test cluster runs its own private
-# daemons and must never depend on (or collide with) the system ones. Only added when no
+# munge/mariadb/slurm/glusterd services during the install: the test cluster runs its own
+# private daemons and must never depend on (or collide with) the system ones. Only added when no
 # policy file exists, and removed afterwards.
 policy=/usr/sbin/policy-rc.d
 added_policy=0
