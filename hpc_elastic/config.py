@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import signal
@@ -96,6 +97,9 @@ class JobConfig:
     max_restarts: int = 3
     monitor_interval: float = 0.5
     job_root: str = "./jobs"
+    #: False: everything under the job directory is private (0700/0600). True: the job
+    #: directory's group may read it (0750/0640); see docs/security.md.
+    share_with_group: bool = False
     env: dict[str, str] = field(default_factory=dict)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     rendezvous: RendezvousOptions = field(default_factory=RendezvousOptions)
@@ -138,6 +142,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         ) from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot be read ({err.strerror}).") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(not_utf8(str(path), err)) from None
     data, lines = _parse_yaml(text, str(path))
     for item in overrides or []:
         _apply_override(data, item, lines)
@@ -147,6 +153,44 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
 def config_from_dict(data: dict[str, Any], source: str = "<resolved config>") -> JobConfig:
     """Rebuild a config from :meth:`JobConfig.to_dict` output (what the agent reads back)."""
     return _build(data, _Source(source, {}), base_dir=None)
+
+
+def not_utf8(filename: str, err: UnicodeDecodeError) -> str:
+    """The one-paragraph error for a job file that is not UTF-8 text."""
+    byte = err.object[err.start]
+    return (f"{filename}: this is not UTF-8 text (byte {err.start} is 0x{byte:02x}). Fix: save "
+            "the file as UTF-8 (for example 'iconv -f latin1 -t utf-8'), or remove the "
+            "character.")
+
+
+#: Job names: what Slurm, file names and the rendezvous run id all accept (a run id is at most
+#: 128 characters and local runs add 27 to the name: ``local-<name>-<stamp>-<hex>``).
+NAME_MAX = 64
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Control characters (C0, DEL, C1): a newline in a value that reaches the batch script would
+#: become a shell line of its own.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: ``slurm.sbatch`` keys become ``#SBATCH --<key>`` flags.
+_FLAG_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+#: ``env`` keys become environment variable names.
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NODES = 100_000
+
+
+def check_name(name: str) -> str | None:
+    """Why ``name`` cannot be a job name, or None when it can."""
+    if len(name) > NAME_MAX:
+        return f"it is {len(name)} characters long, the limit is {NAME_MAX}"
+    if not _NAME_RE.match(name) or ".." in name:
+        return ("it must start with a letter or digit and contain only ASCII letters, digits, "
+                "'.', '_' and '-' (no '..', '/', spaces or other characters)")
+    return None
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` as ``U+000A``, or None."""
+    found = _CONTROL_RE.search(text)
+    return f"U+{ord(found.group()):04X}" if found else None
 
 
 def parse_nodes(value: str | int) -> tuple[int, int]:
@@ -161,6 +205,8 @@ def parse_nodes(value: str | int) -> tuple[int, int]:
         raise ValueError(f"the minimum number of nodes must be at least 1, got {low}")
     if low > high:
         raise ValueError(f"min {low} is larger than max {high}; write it as '{high}:{low}'")
+    if high > MAX_NODES:
+        raise ValueError(f"{high} nodes is more than {MAX_NODES}, which no cluster has")
     return low, high
 
 
@@ -215,6 +261,28 @@ _JobYamlLoader.add_implicit_resolver(
 )
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A key written twice in one mapping (YAML 1.1 lets the last one win silently)."""
+
+
+def _refuse_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False
+                       ) -> dict[Any, Any]:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            first = seen[key].start_mark.line + 1
+            raise DuplicateKeyError(
+                None, None, f"the key '{key}' appears twice (first on line {first})",
+                key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_JobYamlLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _refuse_duplicates)  # type: ignore[arg-type]
+
+
 def _yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_JobYamlLoader)  # noqa: S506 - a SafeLoader subclass
 
@@ -223,6 +291,12 @@ def _parse_yaml(text: str, filename: str) -> tuple[dict[str, Any], dict[str, int
     try:
         root = yaml.compose(text, Loader=_JobYamlLoader)
         data = _yaml_value(text)
+    except DuplicateKeyError as err:
+        mark = err.problem_mark
+        raise ConfigError(
+            f"{filename}, line {mark.line + 1 if mark else '?'}: {err.problem}; only one of them "
+            "would be used. Fix: remove one of the two, or merge them into one."
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{filename}, line {mark.line + 1}" if mark else filename
@@ -258,6 +332,11 @@ def _apply_override(data: dict[str, Any], item: str, lines: dict[str, int | str]
             f"--set {item!r}: expected KEY=VALUE with a dotted key, "
             "for example --set slurm.partition=gpu or --set nodes=2:4."
         )
+    bad = control_character(item)
+    if bad is not None:  # YAML would fold a newline into a space; refuse it as it was typed
+        raise ConfigError(
+            f"--set {key}: the value contains the control character {bad} (a newline, tab or "
+            "similar), which would break the batch script. Fix: give the value on one line.")
     try:
         value = _yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -288,7 +367,8 @@ def _build(data: dict[str, Any], source: _Source, base_dir: Path | None) -> JobC
     except ValueError as err:
         message = f"{source.where('nodes')}: key 'nodes': {err}. Fix: {_NODES_HINT}."
         raise ConfigError(message) from None
-    _check_positive(config, source)
+    _check_name(config, source)
+    _check_ranges(config, source)
     _check_entrypoint(config, source, base_dir)
     _check_signal(config, source)
     if base_dir is not None:
@@ -359,7 +439,8 @@ def _convert(hint: Any, value: Any, key: str, source: _Source) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             _type_error(key, value, "a mapping of NAME: value", source)
-        return {str(k): _scalar_str(v, f"{key}.{k}", source) for k, v in value.items()}
+        return {_mapping_key(k, key, source): _scalar_str(v, f"{key}.{k}", source)
+                for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             _type_error(key, value, "true or false", source)
@@ -371,11 +452,13 @@ def _convert(hint: Any, value: Any, key: str, source: _Source) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             _type_error(key, value, "a number of seconds", source)
+        if not math.isfinite(value):
+            _type_error(key, value, "a finite number of seconds (not .nan or .inf)", source)
         return float(value)
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             _type_error(key, value, "a text value", source)
-        return str(value)
+        return _text(str(value), key, source)
     raise TypeError(f"unsupported type hint {hint!r} for {key}")  # a bug in the schema
 
 
@@ -394,7 +477,40 @@ def _scalar_str(value: Any, key: str, source: _Source) -> str:
         _type_error(key, value, "a single value (text or number)", source)
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return _text(str(value), key, source)
+
+
+def _text(value: str, key: str, source: _Source) -> str:
+    """Refuse control characters. ``env`` values are the exception (they reach the workers'
+    environment, never the batch script): only NUL, which no environment can hold."""
+    bad = "U+0000" if "\x00" in value else None
+    if not key.startswith("env."):
+        bad = control_character(value)
+    if bad is not None:
+        raise ConfigError(
+            f"{source.where(key)}: key '{key}' contains the control character {bad} (a newline, "
+            "tab or similar), which would break the batch script or a file name. Fix: write the "
+            "value on one line, without control characters."
+        )
+    return value
+
+
+def _mapping_key(name: Any, key: str, source: _Source) -> str:
+    """Keys of ``slurm.sbatch`` become ``#SBATCH --<key>`` flags, keys of ``env`` variable
+    names: anything else could inject a line into the batch script or break the environment."""
+    text = str(name)
+    pattern, what = {
+        "slurm.sbatch": (_FLAG_RE, "an sbatch option name (lower-case letters, digits and '-', "
+                         "like 'mail-type')"),
+        "env": (_ENV_NAME_RE, "an environment variable name (letters, digits and '_', not "
+                "starting with a digit)"),
+    }.get(key, (None, ""))
+    if pattern is not None and not pattern.match(text):
+        raise ConfigError(
+            f"{source.where(f'{key}.{text}')}: key {text!r} in '{key}' must be {what}. "
+            f"Fix: rename it."
+        )
+    return text
 
 
 def _describe(value: Any) -> str:
@@ -410,21 +526,50 @@ def _type_error(key: str, value: Any, expected: str, source: _Source) -> typing.
     )
 
 
-def _check_positive(config: JobConfig, source: _Source) -> None:
-    checks = {
-        "nproc_per_node": config.nproc_per_node >= 1,
-        "max_restarts": config.max_restarts >= 0,
-        "monitor_interval": config.monitor_interval > 0,
-        "preemption.grace": config.preemption.grace >= 0,
-        "rendezvous.join_timeout": config.rendezvous.join_timeout > 0,
-        "rendezvous.last_call_timeout": config.rendezvous.last_call_timeout >= 0,
-        "rendezvous.close_timeout": config.rendezvous.close_timeout > 0,
-        "rendezvous.heartbeat_interval": config.rendezvous.heartbeat_interval > 0,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(f"{source.where(key)}: key '{key}' is out of range. Fix: use a "
-                              "positive value (max_restarts and grace may be 0).")
+def _check_name(config: JobConfig, source: _Source) -> None:
+    why = check_name(config.name)
+    if why is not None:
+        raise ConfigError(
+            f"{source.where('name')}: key 'name' ({config.name!r}) cannot be a job name: {why}. "
+            "It names the job directory, the Slurm job and the rendezvous run. Fix: use a short "
+            "name such as 'resnet50-run2'."
+        )
+
+
+#: Bounds of every number (inclusive): what Slurm, torch and the rendezvous can work with. Below
+#: the minimum an interval makes a loop spin; above the maximum a count is no real cluster and a
+#: timeout means "never" (use a large but real one).
+_DAY = 86400.0
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "nproc_per_node": (1, 1024, "workers per node"),
+    "max_restarts": (0, 100_000, "restarts"),
+    "monitor_interval": (0.01, 3600, "seconds"),
+    "preemption.grace": (0, 65535, "seconds (Slurm's --signal limit)"),
+    "rendezvous.join_timeout": (0.1, 30 * _DAY, "seconds"),
+    "rendezvous.last_call_timeout": (0, _DAY, "seconds"),
+    "rendezvous.close_timeout": (0.1, _DAY, "seconds"),
+    "rendezvous.heartbeat_interval": (0.05, 3600, "seconds"),
+    "rendezvous.heartbeat_timeout": (0.1, _DAY, "seconds"),
+    "slurm.cpus_per_task": (1, 4096, "CPUs"),
+    "slurm.gpus_per_node": (0, 256, "GPUs"),
+}
+
+
+def _value_of(config: JobConfig, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_ranges(config: JobConfig, source: _Source) -> None:
+    for key, (low, high, unit) in _RANGES.items():
+        value = _value_of(config, key)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(
+                f"{source.where(key)}: key '{key}' is {value:g}, out of range. Fix: use a value "
+                f"from {low:g} to {high:g} {unit}."
+            )
     rdzv = config.rendezvous
     if rdzv.heartbeat_timeout < 2 * rdzv.heartbeat_interval:
         raise ConfigError(

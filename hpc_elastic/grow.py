@@ -21,7 +21,7 @@ from typing import Any
 
 from hpc_elastic import slurm
 from hpc_elastic.config import JobConfig, load_config
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, make_dir
 from hpc_elastic.members import GROW, MemberJob, read_members, record_member
 from hpc_elastic.sbatch import MemberScript, render_sbatch
 from hpc_elastic.submit import read_job_config, read_submission, write_atomic
@@ -71,7 +71,7 @@ def grow(jobdir: JobDir, nodes: int, overrides: Sequence[str] = (),
 def submit_member(jobdir: JobDir, config: JobConfig, member: MemberScript,
                   env: Mapping[str, str] | None = None) -> MemberJob:
     """Write a member job's script next to the others, sbatch it, record it."""
-    jobdir.members.mkdir(exist_ok=True)
+    make_dir(jobdir.members)
     script = jobdir.members / f"grow-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}.sbatch"
     write_atomic(script, render_sbatch(config, jobdir, sys.executable, member=member))
     try:

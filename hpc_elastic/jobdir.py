@@ -8,6 +8,7 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
     <root>/<name>-<stamp>/
         job.yaml                 the resolved config (overrides applied), read by every agent
         submission.json          how and when the job was submitted (mode, Slurm job ids)
+        local-agents.json        local mode: the agents' PIDs, start times and command lines
         sbatch.sh                the exact batch script that was submitted (Slurm mode)
         members/<job id>.json    every Slurm job that takes part in the run (the first one,
                                  ``grow`` jobs, array jobs), one file each, written by whoever
@@ -30,18 +31,31 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
 
 Per-node files have exactly one writer (the node's agent), because ``O_APPEND`` is not atomic
 across NFS clients.
+
+Safe creation (docs/security.md): the job root is shared with other users of the filesystem, so
+everything under a job directory is created here, by :func:`make_dir`, :func:`write_atomic` and
+:func:`open_append`, with explicit modes that do not depend on the umask -- 0700/0600, or
+0750/0640 with ``share_with_group`` -- and without following a symbolic link someone else put at
+the name. Files that torch and the workers create themselves (worker logs, ``error.json``) get
+the same modes through the umask the agent sets (:func:`umask_for`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from hpc_elastic.config import ConfigError
 
 JOB_CONFIG = "job.yaml"
 SUBMISSION = "submission.json"
 SBATCH_SCRIPT = "sbatch.sh"
+LOCAL_AGENTS = "local-agents.json"
 EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
 
@@ -57,6 +71,131 @@ def _check_name(name: str, what: str = "node name") -> str:
             "use letters, digits, '.', '_' or '-'"
         )
     return name
+
+
+class JobDirError(ConfigError):
+    """A job directory (or the job root) that cannot be created, written or trusted: one
+    paragraph naming the path and the fix, exit 2, like a bad job file."""
+
+
+#: Modes (directory, file): private by default; ``share_with_group`` lets the job directory's
+#: group read (setgid, so every file made later, on any node, keeps that group).
+PRIVATE_MODES = (0o700, 0o600)
+GROUP_MODES = (0o2750, 0o640)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def modes_for(share_with_group: bool) -> tuple[int, int]:
+    return GROUP_MODES if share_with_group else PRIVATE_MODES
+
+
+def umask_for(share_with_group: bool) -> int:
+    """The umask for processes that create job files themselves (the agent, its workers)."""
+    return 0o027 if share_with_group else 0o077
+
+
+def _shared(directory: Path) -> bool:
+    """Whether files made in ``directory`` are for its group too (it grants the group read)."""
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_IRGRP)
+    except OSError:
+        return False
+
+
+def make_dir(path: Path, *, share_with_group: bool | None = None, exist_ok: bool = True) -> Path:
+    """Create ``path`` and its missing parents with the job directory's mode, whatever the
+    umask. ``share_with_group`` None: like the nearest existing parent (group-readable or not).
+
+    An existing ``path`` must be a real directory (not a symbolic link) owned by this user: a
+    directory another user created at a predictable name (``<name>-slurm<id>``) is refused.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if share_with_group is None:
+        share_with_group = _shared(probe)
+    dir_mode = modes_for(share_with_group)[0]
+    try:
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                if directory is path and not exist_ok:
+                    raise
+                continue  # made by a peer (another node's agent) at the same moment
+            os.chmod(directory, dir_mode)
+        if not missing and not exist_ok:
+            raise FileExistsError(f"{path} exists")
+    except FileExistsError:
+        raise JobDirError(f"{path}: already exists. Fix: choose another job name or job root."
+                          ) from None
+    except OSError as err:
+        raise JobDirError(
+            f"{path}: cannot create this directory ({err.strerror}). Fix: make its parent "
+            f"{path.parent} writable for you, or set 'job_root' in the job file (or --set "
+            "job_root=DIR) to a directory you can write."
+        ) from None
+    _check_own_dir(path)
+    return path
+
+
+def _check_own_dir(path: Path) -> None:
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        raise JobDirError(f"{path}: cannot be read ({err.strerror}).") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise JobDirError(
+            f"{path}: is not a directory (a symbolic link or a file is at its name). Nobody "
+            "but you should create anything in a job directory. Fix: remove it, or use another "
+            "job root.")
+    if info.st_uid != os.geteuid() or info.st_mode & stat.S_IWOTH:
+        raise JobDirError(
+            f"{path}: belongs to another user (uid {info.st_uid}) or anybody may write it "
+            f"(mode {stat.S_IMODE(info.st_mode):o}), so its files cannot be trusted. Fix: use "
+            "a job root only you can write (docs/security.md).")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename (same directory), so readers on other nodes never see half a file.
+
+    The temporary name is new (``O_EXCL``) and never followed if it is a link (``O_NOFOLLOW``);
+    the mode is the directory's (0600, or 0640 in a group-shared job directory)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
+    mode = modes_for(_shared(path.parent))[1]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            fd = -1
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_append(path: Path) -> int:
+    """An ``O_APPEND`` descriptor for a log file of the job directory, creating it (and its
+    directories) with the job directory's modes; never follows a link at the name."""
+    path = Path(path)
+    make_dir(path.parent)
+    mode = modes_for(_shared(path.parent))[1]
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, mode)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -79,6 +218,11 @@ class JobDir:
     @property
     def sbatch_script(self) -> Path:
         return self.path / SBATCH_SCRIPT
+
+    @property
+    def local_agents(self) -> Path:
+        """Local mode: the agents the launcher started (PID, start time, command line)."""
+        return self.path / LOCAL_AGENTS
 
     @property
     def slurm_logs(self) -> Path:

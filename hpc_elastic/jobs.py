@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_elastic import local, slurm
+from hpc_elastic import local, procs, slurm
 from hpc_elastic.analysis import Job
-from hpc_elastic.analysis.summary import summarize
+from hpc_elastic.analysis.summary import NO_FINAL_EVENT, agents_gone, summarize
 from hpc_elastic.jobdir import JobDir, jobdirs_under
 from hpc_elastic.members import read_members, spans_jobs
 from hpc_elastic.submit import Submission, read_submission
@@ -78,17 +78,15 @@ class JobStatus:
 def _failure_line(cause: dict[str, Any]) -> str:
     if cause.get("kind") in ("node_lost", "node_left"):
         return str(cause.get("message"))
+    if cause.get("kind") == "agent_error":
+        return f"{cause.get('node')} agent: {cause.get('message')}"
     return (f"{cause.get('node')} rank {cause.get('rank')} exit {cause.get('exitcode')}: "
             f"{cause.get('message')}")
 
 
 def local_agent_pids(jobdir: JobDir) -> list[int]:
-    """PIDs of a local job's agents that are still alive (the launcher records them)."""
-    try:
-        pids = json.loads((jobdir.path / local.AGENTS_FILE).read_text())["pids"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [pid for pid in pids if alive(pid)]
+    """PIDs of a local job's agents that are still alive *and still those agents*."""
+    return [rec.pid for rec in procs.live_agents(jobdir)]
 
 
 def alive(pid: int) -> bool:
@@ -128,7 +126,27 @@ def job_status(jobdir: JobDir) -> JobStatus:
     members = [{"job_id": m.job_id, "kind": m.kind, "nodes": m.nodes, "tasks": m.tasks,
                 "state": state if m.job_id == lead else slurm_job_state(m.job_id)}
                for m in read_members(jobdir)]
-    return JobStatus(jobdir, submission, state, summarize(Job(jobdir)), members)
+    summary = summarize(Job(jobdir))
+    if summary.get("status") == "running" and queue_ended(state):
+        # The queue says the job is over, but its agents left no final event (killed, or the
+        # job directory could not take it): whatever the files say, it no longer runs.
+        summary["status"] = "ended"
+        summary.setdefault("notes", []).append(NO_FINAL_EVENT)
+    return JobStatus(jobdir, submission, state, summary, members)
+
+
+#: Slurm states of a job that may still run (or run again); anything else has ended.
+_LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED",
+                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED",
+                          "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+
+
+def queue_ended(state: str) -> bool:
+    """Whether a queue state (``queue_state``'s answer) means the job has ended for good."""
+    if state == "ENDED" or state.startswith("left the queue"):
+        return True
+    word = state.split(" ", 1)[0]
+    return word.isupper() and word not in _LIVE_STATES
 
 
 def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
@@ -151,23 +169,28 @@ def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
         return f"job {', '.join(job_ids)}: scancel sent; {', '.join(live)} still in the queue " \
                f"after {wait_s:g} s"
     # The launcher records the job as cancelled and stops its agents; without a live launcher
-    # (it was killed), the agents are stopped directly.
-    launcher = local.launcher_pid(jobdir)
-    if local.read_result(jobdir) is not None or launcher is None or not alive(launcher):
+    # (it was killed), the agents are stopped directly. Only processes that still are the ones
+    # the launcher recorded are signalled: a reused PID belongs to somebody else
+    # (hpc_elastic/procs.py).
+    launcher = local.launcher_record(jobdir)
+    if local.read_result(jobdir) is not None or launcher is None or not procs.is_same(launcher):
         launcher = None
-    pids = local_agent_pids(jobdir)
-    if launcher is None and not pids:
+    agents = procs.live_agents(jobdir)
+    if launcher is None and not agents:
         return f"job {submission.job_id}: not running (nothing to cancel)"
-    for pid in [launcher] if launcher is not None else pids:
-        os.kill(pid, signal.SIGTERM)
+    if launcher is not None and not procs.signal_if_same(launcher, signal.SIGTERM):
+        launcher = None
+    if launcher is None:
+        agents = [rec for rec in agents if procs.signal_if_same(rec, signal.SIGTERM)]
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and (local_agent_pids(jobdir) or (
-            launcher is not None and alive(launcher) and local.read_result(jobdir) is None)):
+    while time.monotonic() < deadline and (procs.live_agents(jobdir) or (
+            launcher is not None and procs.is_same(launcher)
+            and local.read_result(jobdir) is None)):
         time.sleep(0.2)
-    left = local_agent_pids(jobdir)
-    for pid in left:  # the agents had their chance to stop their workers cleanly
-        os.kill(pid, signal.SIGKILL)
-    return (f"job {submission.job_id} cancelled: stopped {len(pids)} local agent(s)"
+    # The agents had their chance to stop their workers cleanly.
+    left = [rec for rec in procs.live_agents(jobdir)
+            if procs.signal_if_same(rec, signal.SIGKILL)]
+    return (f"job {submission.job_id} cancelled: stopped {len(agents)} local agent(s)"
             + (f", {len(left)} had to be killed" if left else ""))
 
 
@@ -177,12 +200,15 @@ def list_jobs(jobdirs: Path | Iterable[JobDir]) -> list[dict[str, Any]]:
     rows = []
     for jobdir in jobdirs_under(jobdirs) if isinstance(jobdirs, Path) else jobdirs:
         submission = read_submission(jobdir)
+        outcome = quick_outcome(jobdir)
+        if outcome == "running or unfinished" and agents_gone(jobdir):
+            outcome = "ended, no final event"
         rows.append({
             "job_id": submission.job_id if submission else None,
             "mode": submission.mode if submission else None,
             "name": submission.name if submission else jobdir.path.name,
             "submitted_at": submission.submitted_at if submission else None,
-            "outcome": quick_outcome(jobdir),
+            "outcome": outcome,
             "jobdir": str(jobdir.path),
         })
     return rows
@@ -190,13 +216,14 @@ def list_jobs(jobdirs: Path | Iterable[JobDir]) -> list[dict[str, Any]]:
 
 def quick_outcome(jobdir: JobDir) -> str:
     """succeeded / failed / running-or-unfinished / not started, from each node's last event only
-    (a 4 KiB read from the end of each file, so ``list`` stays fast on huge logs)."""
+    (a 16 KiB read from the end of each file, so ``list`` stays fast on huge logs; a final event
+    with its traceback is a few KiB)."""
     last_kinds = []
     for node in jobdir.node_names():
         try:
             with open(jobdir.events(node), "rb") as events:
                 events.seek(0, os.SEEK_END)
-                events.seek(max(0, events.tell() - 4096))
+                events.seek(max(0, events.tell() - 16384))
                 lines = events.read().splitlines()
         except OSError:
             continue

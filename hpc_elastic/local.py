@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from hpc_elastic import identity
+from hpc_elastic import identity, procs
 from hpc_elastic.agent.preemption import EXIT_REQUEUED
 from hpc_elastic.config import JobConfig
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import LOCAL_AGENTS, JobDir, umask_for, write_atomic
 
 MAX_LOCAL_ATTEMPTS = 5
-AGENTS_FILE = "local-agents.json"  # the launcher's pid and the current attempt's agent pids
+AGENTS_FILE = LOCAL_AGENTS  # the launcher's and the current attempt's agents' identities
 RESULT_FILE = "local-result.json"  # written once by the launcher when the job has ended
 
 
@@ -87,8 +87,7 @@ def run_local(config: JobConfig, jobdir: JobDir, job_id: str, nodes: int | None 
     stop = _Stop()
     codes: dict[str, int] = {}
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    (jobdir.path / AGENTS_FILE).write_text(json.dumps(
-        {"attempt": 0, "pids": [], "launcher": os.getpid()}) + "\n")
+    _record_agents(jobdir, 0, [])
     try:
         for attempt in range(MAX_LOCAL_ATTEMPTS):
             if stop.requested:
@@ -106,8 +105,6 @@ def run_local(config: JobConfig, jobdir: JobDir, job_id: str, nodes: int | None 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     result = outcome_of(codes, config.min_nodes, cancelled=stop.requested)
-    from hpc_elastic.submit import write_atomic
-
     write_atomic(jobdir.path / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
     return result
 
@@ -161,10 +158,21 @@ def _run_attempt(jobdir: JobDir, job_id: str, count: int, attempt: int, stop: _S
         agents.append(_start_agent(jobdir, job_id, index, attempt))
         if stop.requested:  # cancelled while starting: this one was not signalled yet
             agents[-1].send_signal(signal.SIGTERM)
-    (jobdir.path / AGENTS_FILE).write_text(json.dumps(
-        {"attempt": attempt, "pids": [agent.pid for agent in agents],
-         "launcher": os.getpid()}) + "\n")
+    _record_agents(jobdir, attempt, agents)
     return {node_name(i): agent.wait() for i, agent in enumerate(agents)}
+
+
+def _record_agents(jobdir: JobDir, attempt: int, agents: list[subprocess.Popen]) -> None:
+    """Write who runs the job now. PIDs alone are not enough for ``cancel`` and ``status``:
+    the kernel reuses them, so each process is recorded with its start time and command line,
+    which they check before counting or signalling it (hpc_elastic/procs.py). ``pids`` and
+    ``launcher`` stay for readers of the plain numbers."""
+    launcher = procs.record(os.getpid())
+    records = [procs.record(agent.pid) for agent in agents]
+    write_atomic(jobdir.local_agents, json.dumps(
+        {"attempt": attempt, "pids": [agent.pid for agent in agents], "launcher": os.getpid(),
+         "launcher_process": launcher.to_json() if launcher else None,
+         "agents": [rec.to_json() for rec in records if rec is not None]}) + "\n")
 
 
 def _start_agent(jobdir: JobDir, job_id: str, index: int, attempt: int) -> subprocess.Popen:
@@ -201,12 +209,15 @@ def start_local(jobdir: JobDir, nodes: int | None = None) -> subprocess.Popen:
 
 
 def launcher_pid(jobdir: JobDir) -> int | None:
-    """The launcher's pid as it recorded it (None before its first attempt started)."""
-    try:
-        pid = json.loads((jobdir.path / AGENTS_FILE).read_text()).get("launcher")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return pid if isinstance(pid, int) and pid > 0 else None
+    """The launcher's pid while it still runs (None before it recorded itself, or once the
+    recorded process is gone: a PID the kernel gave to another process does not count)."""
+    rec = launcher_record(jobdir)
+    return rec.pid if rec is not None and procs.is_same(rec) else None
+
+
+def launcher_record(jobdir: JobDir) -> procs.ProcessRecord | None:
+    """The launcher as it recorded itself (see :func:`hpc_elastic.procs.recorded_launcher`)."""
+    return procs.recorded_launcher(jobdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if submission is None:
         print(f"hpc-elastic: {jobdir.path}: no submission.json", file=sys.stderr)
         return 2
-    return run_local(read_job_config(jobdir), jobdir, submission.job_id, args.nodes).exit_code
+    config = read_job_config(jobdir)
+    # The agents (and their workers) inherit it: private job files, whatever the user's umask.
+    os.umask(umask_for(config.share_with_group))
+    return run_local(config, jobdir, submission.job_id, args.nodes).exit_code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, make_dir
 from hpc_elastic.submit import read_submission, write_atomic
 
 #: How a member job came to the run.
@@ -48,7 +48,7 @@ def spans_jobs(kinds: list[str]) -> bool:
 
 
 def record_member(jobdir: JobDir, member: MemberJob) -> None:
-    jobdir.members.mkdir(exist_ok=True)
+    make_dir(jobdir.members)
     write_atomic(jobdir.member(member.job_id), json.dumps(member.to_json(), indent=2) + "\n")
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from submitit.slurm.slurm import _make_sbatch_string
 
-from hpc_elastic.config import JobConfig
+from hpc_elastic.config import ConfigError, JobConfig, control_character
 from hpc_elastic.identity import RUN_ID_ENV
 from hpc_elastic.jobdir import JobDir
 
@@ -99,20 +99,35 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
     # ``exec``: the supervisor *is* the batch shell, so a signal Slurm sends to the batch shell
     # (a member's ``--signal=B:...``) reaches it instead of killing a bash that waits for it.
     command = "exec " + shlex.join([python, "-m", "hpc_elastic", "batch", str(jobdir.path)])
+    params: dict[str, Any] = {
+        "job_name": config.name, "partition": slurm.partition, "nodes": nodes,
+        "cpus_per_task": slurm.cpus_per_task, "gpus_per_node": slurm.gpus_per_node,
+        "qos": slurm.qos, "mem": slurm.mem, "constraint": slurm.constraint,
+        "account": slurm.account,
+    }
+    check_script_values({**params, **extra, "setup": setup, "command": command})
     return _make_sbatch_string(
         command=command,
         folder=jobdir.slurm_logs,
-        job_name=config.name,
-        partition=slurm.partition,
-        nodes=nodes,  # type: ignore[arg-type]  # submitit renders it as text: "2-4" is fine
-        cpus_per_task=slurm.cpus_per_task,
-        gpus_per_node=slurm.gpus_per_node,
-        qos=slurm.qos,
-        mem=slurm.mem,
-        constraint=slurm.constraint,
-        account=slurm.account,
         setup=setup,
         wckey=None,  # type: ignore[arg-type]  # submitit's default "submitit" is not ours
         additional_parameters=extra,
         use_srun=False,
+        **params,  # nodes: submitit renders it as text, "2-4" is fine
     )
+
+
+def check_script_values(values: dict[str, Any]) -> None:
+    """The last check before text becomes the batch script: no key or value may hold a control
+    character, or a newline in it would become a shell line of its own. ``load_config`` refuses
+    such values with the file and line already; this catches values from anywhere else (the
+    job root's path, a run id, a future key) in the one place they all pass."""
+    for key, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            bad = control_character(f"{key}={item}") if item is not None else None
+            if bad is not None:
+                raise ConfigError(
+                    f"the batch script's '{key}' ({str(item)!r}) contains the control character "
+                    f"{bad}, which would inject a line into the script. Nothing was submitted. "
+                    "Fix: remove it from the job file, the --set value or the job root's path."
+                )

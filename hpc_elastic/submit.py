@@ -8,7 +8,6 @@ right after ``sbatch`` answers, so every started job can be found and analysed.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import time
@@ -18,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from hpc_elastic.config import JobConfig, config_from_dict
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.config import JobConfig, config_from_dict, not_utf8
+from hpc_elastic.jobdir import JobDir, JobDirError, make_dir, write_atomic
 
 if TYPE_CHECKING:  # submitit is imported only where a script is rendered
     from hpc_elastic.sbatch import MemberScript
@@ -55,12 +54,16 @@ def create_jobdir(config: JobConfig, jobdir: JobDir, exist_ok: bool = False) -> 
     ``exist_ok`` is for batch scripts that skip ``submit``: every node creates the same
     directory at the same time, and each writes the same text with write-then-rename.
     """
-    jobdir.path.mkdir(parents=True, exist_ok=exist_ok)
+    make_dir(jobdir.path, share_with_group=config.share_with_group, exist_ok=exist_ok)
     for sub in (jobdir.slurm_logs, jobdir.nodes, jobdir.checkpoints):
-        sub.mkdir(exist_ok=exist_ok)
+        make_dir(sub, exist_ok=exist_ok)
     # The rendezvous directory holds the store; only the job's owner may read it.
-    jobdir.rendezvous.mkdir(mode=0o700, exist_ok=exist_ok)
-    write_atomic(jobdir.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    make_dir(jobdir.rendezvous, share_with_group=False, exist_ok=exist_ok)
+    try:
+        write_atomic(jobdir.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except OSError as err:
+        raise JobDirError(f"{jobdir.config}: cannot be written ({err.strerror}). Fix: free space "
+                          f"or make {jobdir.path} writable, then submit again.") from None
 
 
 def batch_jobdir(config: JobConfig, slurm_job_id: str) -> JobDir:
@@ -75,9 +78,23 @@ def batch_jobdir(config: JobConfig, slurm_job_id: str) -> JobDir:
 
 
 def read_job_config(jobdir: JobDir) -> JobConfig:
-    """The resolved config as written by :func:`create_jobdir`."""
-    data = yaml.safe_load(jobdir.config.read_text())
-    return config_from_dict(data, source=str(jobdir.config))
+    """The resolved config as written by :func:`create_jobdir`; a file that cannot be read or
+    parsed is a :class:`JobDirError` (one paragraph), never a traceback."""
+    where = str(jobdir.config)
+    try:
+        data = yaml.safe_load(jobdir.config.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise JobDirError(not_utf8(where, err)) from None
+    except OSError as err:
+        raise JobDirError(f"{where}: cannot be read ({err.strerror}). Is {jobdir.path} the "
+                          "job directory 'submit' printed? Fix: give that directory.") from None
+    except yaml.YAMLError as err:
+        raise JobDirError(f"{where}: is not the YAML 'submit' wrote ({str(err).splitlines()[0]})."
+                          " Fix: restore it, or submit the job file again.") from None
+    if not isinstance(data, dict):
+        raise JobDirError(f"{where}: holds no job configuration. Fix: restore it, or submit "
+                          "the job file again.")
+    return config_from_dict(data, source=where)
 
 
 def write_submission(jobdir: JobDir, submission: Submission) -> None:
@@ -85,19 +102,13 @@ def write_submission(jobdir: JobDir, submission: Submission) -> None:
 
 
 def read_submission(jobdir: JobDir) -> Submission | None:
+    """``submission.json``, or None when it is missing, not UTF-8 JSON, or lacks a field."""
     try:
-        data = json.loads(jobdir.submission.read_text())
-    except (OSError, ValueError):
+        data = json.loads(jobdir.submission.read_text(encoding="utf-8"))
+        return Submission(mode=str(data["mode"]), job_id=str(data["job_id"]),
+                          submitted_at=float(data["submitted_at"]), name=str(data["name"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Submission(mode=data["mode"], job_id=str(data["job_id"]),
-                      submitted_at=float(data["submitted_at"]), name=data["name"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename (same directory), so readers on other nodes never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_slurm_job(config: JobConfig, jobdir: JobDir, member: MemberScript | None = None

@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from hpc_elastic.jobdir import make_dir
+
 # Exit code of an agent that handed its job to a requeue (local mode relaunches on it).
 EXIT_REQUEUED = 75
 
@@ -150,9 +152,10 @@ class Preemption:
             self._record("requeue.failed", error=str(err))
 
     def _claim(self) -> bool:
-        self.claim_path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.claim_path.parent)
         try:
-            fd = os.open(self.claim_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(self.claim_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
+                         0o600)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as claim:

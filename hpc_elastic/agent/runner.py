@@ -27,11 +27,13 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
 from hpc_elastic import slurm
+from hpc_elastic.agent.ending import Ending
+from hpc_elastic.agent.error_files import set_aside_unreadable
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.config import JobConfig, load_config
 from hpc_elastic.identity import NodeIdentity
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, umask_for
 from hpc_elastic.rendezvous import create_handler
 from hpc_elastic.submit import batch_jobdir, read_job_config
 from hpc_elastic.telemetry import install as install_telemetry
@@ -77,7 +79,15 @@ class ObservedAgent(LocalElasticAgent):
         return
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
-        result = super()._monitor_workers(worker_group)
+        try:
+            result = super()._monitor_workers(worker_group)
+        except (ValueError, KeyError, TypeError):
+            # torch's parser of a worker's error file crashed (an empty or cut-off file after
+            # the disk filled): set it aside and look again, so the failure counts as a failure
+            # and uses a restart instead of ending the agent.
+            if not set_aside_unreadable(self._pcontext, self._record):
+                raise
+            result = super()._monitor_workers(worker_group)
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             restart = worker_group.spec.max_restarts - self._remaining_restarts
             for rank, failure in sorted(result.failures.items()):
@@ -143,15 +153,28 @@ def run_agent(target: str | Path) -> int:
     """Run this node's agent to the end; return the process exit code.
 
     ``target`` is a job directory made by ``submit``, or a job YAML file when a plain batch
-    script starts the agents itself (see ``sbatch/``).
+    script starts the agents itself (see ``sbatch/``). Whatever ends the agent, its last event
+    says why (hpc_elastic/agent/ending.py).
     """
+    ending = Ending()
+    try:
+        return _run_agent(target, ending)
+    except Exception as err:  # noqa: BLE001 - every end gets its final event, then the code
+        return ending.crashed(err)
+
+
+def _run_agent(target: str | Path, ending: Ending) -> int:
     ident = NodeIdentity.from_env()
     if Path(target).is_file():
         config = load_config(target)
         jobdir = batch_jobdir(config, ident.job_id)
+        ending.begin(jobdir, ident.node, ident.job_id, ident.attempt)
     else:
         jobdir = JobDir(Path(target).resolve())
+        ending.begin(jobdir, ident.node, ident.job_id, ident.attempt)
         config = read_job_config(jobdir)
+    # Files torch and the workers create (logs, error.json) get the job directory's modes.
+    os.umask(umask_for(config.share_with_group))
     # Workers inherit the agent's environment: torch's agent copies os.environ for them.
     os.environ.update(worker_environment(config, jobdir))
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -163,6 +186,7 @@ def run_agent(target: str | Path) -> int:
     telemetry = install_telemetry(jobdir, ident.node, job_id=ident.job_id, attempt=ident.attempt)
     os.environ.update(telemetry.worker_env())
     events = telemetry.events
+    ending.attach(events)
     rdzv = config.rendezvous
     handler = create_handler(
         root=Path(rdzv.directory) if rdzv.directory else jobdir.rendezvous,
@@ -177,6 +201,7 @@ def run_agent(target: str | Path) -> int:
         heartbeat_interval=rdzv.heartbeat_interval,
         heartbeat_timeout=rdzv.heartbeat_timeout,
     )
+    ending.handler = handler
     spec = WorkerSpec(
         role=ROLE,
         local_world_size=config.nproc_per_node,

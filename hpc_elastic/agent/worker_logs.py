@@ -18,7 +18,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
 from hpc_elastic.identity import LOCAL_NODE_NAME
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, JobDirError, make_dir
 from hpc_elastic.telemetry.schema import ENV_WORKER_DIR
 
 
@@ -78,13 +78,19 @@ class JobDirLogsSpecs(LogsSpecs):
         mount), fall back to a local temporary directory and say where, so training goes on
         and the logs still exist."""
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            return folder
-        except OSError as err:
-            relative = folder.relative_to(self._jobdir.path)
-            fallback = Path(tempfile.gettempdir()) / "hpc_elastic-logs" / self._jobdir.path.name
-            fallback = fallback / relative
-            fallback.mkdir(parents=True, exist_ok=True)
-            print(f"hpc_elastic: warning: cannot write worker logs to {folder} ({err.strerror}); "
-                  f"writing them to {fallback} instead", file=sys.stderr, flush=True)
+            return make_dir(folder)
+        except JobDirError as err:
+            fallback = fallback_dir(self._jobdir) / folder.relative_to(self._jobdir.path)
+            make_dir(fallback)  # a JobDirError here ends the agent with its reason
+            print(f"hpc_elastic: warning: {err} Writing the worker logs to {fallback} instead",
+                  file=sys.stderr, flush=True)
             return fallback
+
+
+def fallback_dir(jobdir: JobDir) -> Path:
+    """This user's own directory for logs the job directory cannot take, on the node's local
+    disk: ``$TMPDIR/hpc_elastic-logs-<uid>/<job>``. Per user and checked (owned by this user,
+    not a link, nobody else may write it), since ``/tmp`` is shared with everybody."""
+    base = make_dir(Path(tempfile.gettempdir()) / f"hpc_elastic-logs-{os.getuid()}",
+                    share_with_group=False)
+    return base / jobdir.path.name

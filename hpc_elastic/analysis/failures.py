@@ -16,7 +16,7 @@ from typing import Any
 
 from .fmt import footer, iso
 from .loader import Job
-from .model import NODE_CAUSES, build, cause_key
+from .model import AGENT_ERROR, NODE_CAUSES, build, cause_key
 
 
 def stderr_path(job: Job, f: dict[str, Any]) -> Path | None:
@@ -66,7 +66,7 @@ def collect(job: Job, lines: int = 10) -> dict[str, Any]:
         item = dict(f)
         item["stderr_path"] = str(p) if p else None
         item["stderr_tail"] = tail(p, lines) if p else []
-        if p is None:
+        if p is None and f["kind"] != AGENT_ERROR:
             job.note(f"no stderr.log found for {f.get('node')} rank {f.get('rank')}")
         out.append(item)
     return {"job_id": m.job_id, "failures": out, "node_losses": m.losses,
@@ -92,9 +92,10 @@ def _loss_block(c: dict[str, Any]) -> list[str]:
 
 def _failure_block(f: dict[str, Any]) -> list[str]:
     mark = "ROOT " if f["root"] else "     "
+    who = ("the agent itself" if f["kind"] == AGENT_ERROR
+           else f"rank {f['rank']}  exit {f['exitcode']}")
     out = [f"{mark}{iso(f['time'])}  node {f['node']}  attempt {f['attempt']} round "
-           f"{f['round']}  rank {f['rank']}  exit {f['exitcode']}"
-           + (f" ({f['signal']})" if f.get("signal") else "")]
+           f"{f['round']}  {who}" + (f" ({f['signal']})" if f.get("signal") else "")]
     out.append(f"     cause: {f['message'] or '(no message)'}")
     sec = f.get("secondary_to")
     if sec:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_elastic.jobdir import JobDir, find_jobdir
-from hpc_elastic.telemetry.jsonl import ReadStats, read_jsonl
+from hpc_elastic.telemetry.jsonl import MAX_LINE_BYTES, ReadStats, read_jsonl
 from hpc_elastic.telemetry.schema import SCHEMA_VERSION
 
 # Lines of one file may be a few records out of time order (events from different threads µs
@@ -99,6 +99,9 @@ class Job:
         finally:
             if stats.skipped:
                 tail = " (truncated last line)" if stats.truncated_tail else ""
+                if stats.long_lines:
+                    tail += (f" ({stats.long_lines} longer than {MAX_LINE_BYTES >> 20} MiB, "
+                             "not read)")
                 self.note(f"{what}: skipped {stats.skipped} unparsable line(s){tail}")
             if newer:
                 self.note(f"{what}: skipped {newer} line(s) of a newer schema version "
@@ -154,8 +157,8 @@ def reorder(records: Iterable[dict[str, Any]], window: int = REORDER_WINDOW
 def _expected_nodes(jd: JobDir) -> int | None:
     """``nodes`` from job.yaml when it is a plain integer; yaml is optional, so parse loosely."""
     try:
-        text = jd.config.read_text()
-    except OSError:
+        text = jd.config.read_text(encoding="utf-8")
+    except (OSError, ValueError):  # unreadable, or not UTF-8: the count is only a hint
         return None
     for line in text.splitlines():
         if line.startswith("nodes:"):

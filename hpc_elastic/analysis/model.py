@@ -34,6 +34,9 @@ TERMINAL = {"agent.succeeded": "ok", "agent.failed": "failed", "agent.preempted"
 # and the rendezvous' own clean exits (it closed the run, or departed from it when stopped).
 _CLEAN_END = frozenset(TERMINAL) | {"rendezvous.closed", "rendezvous.departed"}
 
+#: A cause that is the agent itself: it ended with an error of its own (``agent.failed`` with a
+#: ``reason``: a join timeout, an unwritable job directory, ...), not a worker's failure.
+AGENT_ERROR = "agent_error"
 #: Causes that are a node, not a worker: lost (vanished) or left (departed when stopped).
 NODE_CAUSES = frozenset({"node_lost", "node_left"})
 # How an agent stopped from outside ends: it departs from the rendezvous, then logs ``shutdown``.
@@ -360,6 +363,11 @@ def build(job: Job) -> JobModel:
                 add_failure(rec, current.get(attempt), t)
             elif kind == "agent.failed":
                 key = current.get(attempt)
+                if not rec.get("failures") and isinstance(rec.get("reason"), str):
+                    # The agent itself failed (join timeout, unwritable job directory, ...):
+                    # a cause like a worker's failure, with the agent's reason as its message.
+                    add_failure({**rec, "message": rec["reason"], "node": node}, key, t)
+                    failures[-1]["kind"] = AGENT_ERROR
                 for f in rec.get("failures") or []:
                     if not isinstance(f, dict):
                         continue

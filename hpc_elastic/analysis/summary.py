@@ -18,16 +18,18 @@ again), and each requeue (from the preemption signal until the next attempt trai
 
 from __future__ import annotations
 
+import json
 from itertools import pairwise
 from typing import Any
 
 from hpc_elastic.excluded import read_excluded
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import ARRAY, read_members, spans_jobs
+from hpc_elastic.procs import is_same, live_agents, recorded_launcher
 
 from .fmt import dur, footer, iso
 from .loader import Job
-from .model import NODE_CAUSES, JobModel, Round, build
+from .model import AGENT_ERROR, NODE_CAUSES, JobModel, Round, build
 
 
 def status_of(m: JobModel) -> str:
@@ -46,6 +48,26 @@ def status_of(m: JobModel) -> str:
     if "shutdown" in values:
         return "cancelled"
     return "running"
+
+
+#: Said when the agents are gone but left no final event in the job directory.
+NO_FINAL_EVENT = ("the agents ended without a final event in the job directory (killed, or it "
+                  "could not be written: read-only or lost); an agent that could say why said it "
+                  "on its stderr (Slurm's log of the node) and in $TMPDIR/hpc_elastic-logs-<uid>/"
+                  " on its node")
+
+
+def agents_gone(jobdir: JobDir) -> bool:
+    """A local job whose launcher recorded its agents, none of which is alive any more. (A
+    Slurm job's agents are asked about through the queue: ``status`` does that.)"""
+    try:
+        mode = json.loads(jobdir.submission.read_text(encoding="utf-8")).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if mode != "local" or not jobdir.local_agents.is_file() or live_agents(jobdir):
+        return False
+    launcher = recorded_launcher(jobdir)
+    return launcher is None or not is_same(launcher)
 
 
 def _segments(m: JobModel) -> list[tuple[str, float, float]]:
@@ -112,6 +134,9 @@ def summarize(job: Job) -> dict[str, Any]:
     restarts = [r for r in m.rounds.values() if r.restart]
     failure_restarts = sum(1 for r in restarts if "failure" in r.restart_reasons)
     status = status_of(m)
+    if status == "running" and agents_gone(job.dir):
+        status = "ended"
+        job.note(NO_FINAL_EVENT)
     health = [h.as_dict() for h in m.health.values()]
     if status == "running":
         lost = _lost_for_good(m)
@@ -216,6 +241,8 @@ def member_jobs(job: Job, m: JobModel) -> list[dict[str, Any]]:
 
 def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
     """One root cause; a node loss says how many failures it explains, as they are not roots."""
+    if c["kind"] == AGENT_ERROR:
+        return f"{iso(c['time'])} {c['node']} agent: {c['message']}"
     if c["kind"] not in NODE_CAUSES:
         return (f"{iso(c['time'])} {c['node']} rank {c['rank']} exit {c['exitcode']}: "
                 f"{c['message'] or '(no message)'}")

@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time as _time
+from collections.abc import Callable
 from typing import Any
 
 from .jsonl import JsonlWriter, warn_once
@@ -28,6 +29,7 @@ __all__ = [
     "CHATTY_KINDS",
     "DIRECT_KINDS",
     "EVENT_NAME_PREFIXES",
+    "FINAL_KINDS",
     "RDZV_METHOD_KINDS",
     "EventLog",
     "TorchEventHandler",
@@ -79,12 +81,21 @@ DIRECT_KINDS: dict[str, str] = {
     "requeue.failed": "the requeue failed: error",
     "agent.preempted": "the agent ends after a preemption: requeued_by_this_node",
     "agent.succeeded": "the agent ends, workers succeeded: elapsed_s",
-    "agent.failed": "the agent ends, workers failed: elapsed_s, failures",
+    "agent.failed": "the agent ends, workers failed: elapsed_s, failures; or the agent itself "
+    "failed (join timeout, unreadable state, unwritable job directory): reason, error_type, "
+    "traceback",
     "shutdown": "the agent was told to stop (a signal): signal",
     "workers.peer_left": "the workers failed right after a node of their round departed or was "
     "declared dead: a membership change, no restart used: restart_count",
     "agent.left": "a member job's agent found the run's rendezvous closed (the run ended): reason",
+    "worker.error_file_unreadable": "a worker left an error file torch cannot parse (empty, "
+    "cut off by a full disk): set aside as <file>.unreadable, the failure counts as usual: "
+    "error_file, reason",
 }
+#: The kinds that end an agent: every agent's last event is one of them (hpc_elastic/agent/
+#: ending.py makes sure of it). One that cannot be written goes to ``EventLog.final_lost``.
+FINAL_KINDS = frozenset({"agent.succeeded", "agent.failed", "agent.preempted", "shutdown",
+                         "agent.left"})
 # Events (agent-style ``Event``) whose name starts with a key here: kind = value + rest of the name.
 # hpc_elastic's shared-filesystem rendezvous names its events "sharedfs.rendezvous.<what>".
 EVENT_NAME_PREFIXES: dict[str, tuple[str, str]] = {  # prefix -> (kind prefix, source)
@@ -214,6 +225,8 @@ class EventLog:
         self.chatty_interval_s = chatty_interval_s
         self._chatty: dict[str, tuple[float, int]] = {}  # kind -> (last written, suppressed)
         self._lock = threading.RLock()
+        #: Called with a final event (FINAL_KINDS) the writer could not write.
+        self.final_lost: Callable[[dict[str, Any]], None] | None = None
 
     def record(
         self, kind: str, *, source: str = "agent", time: float | None = None, **fields: Any
@@ -223,7 +236,8 @@ class EventLog:
         A field named like a leading one is dropped when it repeats the line's value, else renamed
         ``x_<name>``; it never overwrites.
         """
-        if self.writer.disabled:  # also true in a forked child
+        final = kind in FINAL_KINDS and self.final_lost is not None
+        if self.writer.disabled and not final:  # also true in a forked child
             return
         try:
             when = _time.time() if time is None else float(time)
@@ -245,7 +259,8 @@ class EventLog:
                         continue  # e.g. the rendezvous repeating our node name: no news
                     k = f"x_{k}"
                 line[k] = v
-            self.writer.write(line)
+            if not self.writer.write(line) and final and self.final_lost is not None:
+                self.final_lost(line)
         except Exception as exc:  # noqa: BLE001 - telemetry must never break the agent
             warn_once("event-log", f"event log error (further ones hidden): {exc!r}")
 

@@ -139,6 +139,9 @@ class JsonlWriter:
         self._fd: int | None = None
         self._disabled = False
         self._next_link_check = 0.0
+        # A write cut short (a full disk) left the file ending mid-line: the next write after
+        # retry() starts with a newline, or its record would be glued to the broken one.
+        self._cut_line = False
         self.lines_written = 0
 
     @property
@@ -177,6 +180,9 @@ class JsonlWriter:
         with self._lock:
             if self._disabled:
                 return False
+            if self._cut_line:
+                data = b"\n" + data
+            written = 0
             try:
                 fd = self._fd if self._fd is not None else self._open()
                 now = time.monotonic()
@@ -191,15 +197,27 @@ class JsonlWriter:
                     if written != len(data):
                         raise OSError(f"short write to {self.path}: {written} of {len(data)}")
             except OSError as exc:
+                self._cut_line = 0 < written < len(data) or (self._cut_line and written == 0)
                 self._disable(exc)
                 return False
+            self._cut_line = False
             self.lines_written += lines
             return True
 
+    def retry(self) -> None:
+        """Turn a writer that an error disabled on again (the next write reopens the file):
+        for the agent's final event, after room was made on a full filesystem."""
+        with self._lock:
+            self._disabled = False
+
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self._fd = os.open(self.path, flags, 0o644)
+        # The job directory's modes, no symbolic links followed (hpc_elastic/jobdir.py).
+        from hpc_elastic.jobdir import JobDirError, open_append
+
+        try:
+            self._fd = open_append(self.path)
+        except JobDirError as err:  # its directory cannot be made: like any I/O error here
+            raise OSError(str(err)) from None
         return self._fd
 
     def _disable(self, exc: BaseException) -> None:
@@ -229,6 +247,12 @@ class JsonlWriter:
             self._close_fd(fsync=self._fsync_on_close)
 
 
+#: The longest line :func:`read_jsonl` reads. Our lines are a few hundred bytes (an event with a
+#: worker's error message is a few KiB); a longer line is garbage or hostile, and reading it
+#: whole would take as much memory as the line is long.
+MAX_LINE_BYTES = 1 << 20
+
+
 @dataclass
 class ReadStats:
     """What :func:`read_jsonl` skipped, so callers can report it instead of failing."""
@@ -237,6 +261,7 @@ class ReadStats:
     skipped: int = 0
     truncated_tail: bool = False
     bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers, first 100
+    long_lines: int = 0  # of the skipped: longer than MAX_LINE_BYTES, never read whole
 
     def _skip(self, lineno: int) -> None:
         self.skipped += 1
@@ -249,13 +274,16 @@ def read_jsonl(
     stats: ReadStats | None = None,
     *,
     missing_ok: bool = False,
+    max_line: int = MAX_LINE_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """Stream the JSON objects of a JSON-lines file, skipping what cannot be parsed.
 
     Skipped (and counted in ``stats``): garbage lines, lines that are not JSON objects, and a last
     line without its newline that does not parse (a writer killed mid-write; a strict prefix of a
     JSON object is never valid JSON, so a complete object whose newline is missing is kept).
-    Leading NUL bytes, which some filesystems leave after a crash, are ignored.
+    Leading NUL bytes, which some filesystems leave after a crash, are ignored. A line longer
+    than ``max_line`` bytes is skipped (counted in ``stats.long_lines``) without being held in
+    memory: it is read past in small pieces.
     """
     st = stats if stats is not None else ReadStats()
     try:
@@ -266,9 +294,15 @@ def read_jsonl(
         raise
     try:
         lineno = 0
-        for raw in fh:
+        while raw := fh.readline(max_line + 1):
             lineno += 1
             complete = raw.endswith(b"\n")
+            if len(raw) > max_line and not complete:
+                while (piece := fh.readline(1 << 16)) and not piece.endswith(b"\n"):
+                    pass  # the rest of an over-long line, dropped piece by piece
+                st._skip(lineno)
+                st.long_lines += 1
+                continue
             line = raw.strip(b"\x00 \t\r\n")
             if not line:
                 continue
