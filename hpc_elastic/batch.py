@@ -60,7 +60,7 @@ from typing import Any
 from hpc_elastic.config import JobConfig
 from hpc_elastic.excluded import exclude_node, excluded_names
 from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, file_mode_in, make_dir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
 from hpc_elastic.slurm import SlurmError, cancel, exclude_nodes, requeue, run_slurm
 from hpc_elastic.submit import read_job_config
@@ -190,7 +190,7 @@ class BatchLog:
         self.attempt = attempt
         self.writer: JsonlWriter | None = None
         with contextlib.suppress(OSError, ValueError):
-            jobdir.supervisor.mkdir(exist_ok=True)
+            make_dir(jobdir.supervisor)
             self.writer = JsonlWriter(jobdir.supervisor_events(job_id or "local", attempt))
 
     def record(self, kind: str, message: str, **fields: Any) -> None:
@@ -342,9 +342,10 @@ class Supervisor:
         if any(m.kind != LEAD for m in read_members(self.jobdir)):
             return
         claim = self.jobdir.path / "requeue" / f"attempt-{self.attempt}"
-        claim.parent.mkdir(exist_ok=True)
+        make_dir(claim.parent)
         try:
-            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
+                             file_mode_in(claim.parent)))
         except FileExistsError:
             return  # an agent asked for a requeue already
         self.log.record("batch.requeue", f"only {len(self.steps)} agent(s) left, min "

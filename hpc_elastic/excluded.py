@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from hpc_elastic.jobdir import JobDir
+from hpc_elastic.jobdir import JobDir, file_mode_in, make_dir
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,11 @@ class ExcludedNode:
 def exclude_node(jobdir: JobDir, node: str, reason: str, job_id: str, attempt: int) -> bool:
     """Record ``node`` as excluded; False when it already was (the first record stays)."""
     path = jobdir.excluded_node(node)
-    jobdir.excluded.mkdir(exist_ok=True)
+    make_dir(jobdir.excluded)
     record = ExcludedNode(node, reason, job_id, attempt, time.time())
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
+                     file_mode_in(jobdir.excluded))
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as out:

@@ -102,6 +102,12 @@ def _shared(directory: Path) -> bool:
         return False
 
 
+def file_mode_in(directory: Path) -> int:
+    """The mode for a new file in ``directory`` of a job directory: 0600, or 0640 where the
+    job is shared with its group (for callers that open files themselves, with ``O_EXCL``)."""
+    return modes_for(_shared(directory))[1]
+
+
 def make_dir(path: Path, *, share_with_group: bool | None = None, exist_ok: bool = True) -> Path:
     """Create ``path`` and its missing parents with the job directory's mode, whatever the
     umask. ``share_with_group`` None: like the nearest existing parent (group-readable or not).

@@ -235,3 +235,30 @@ def test_an_over_long_log_line_is_skipped_without_reading_it_into_memory(tmp_pat
     job = Job(jobdir)
     list(job.events("n1"))
     assert any("longer than 1 MiB" in note for note in job.notes), job.notes
+
+
+@pytest.mark.parametrize(("share", "modes"), [(False, (0o700, 0o600)), (True, (0o2750, 0o640))])
+def test_files_the_batch_step_makes_follow_the_job_directory(
+        tmp_path: Path, share: bool, modes: tuple[int, int]) -> None:
+    """The exclusion records, the supervisor's log and the requeue claim, made by processes
+    whose umask Slurm chose, at umask 000."""
+    from hpc_elastic.agent.preemption import Preemption
+    from hpc_elastic.batch import BatchLog
+    from hpc_elastic.excluded import exclude_node
+
+    jobdir = JobDir(make_dir(tmp_path / "job", share_with_group=share))
+    old = os.umask(0)
+    try:
+        assert exclude_node(jobdir, "n1", "down", "42", 0)
+        BatchLog(jobdir, "42", 0).record("batch.test", "hello")
+        claim = Preemption(signal_name="USR1", grace=1, claim_path=jobdir.path / "requeue" / "a",
+                           node="n1", requeue=lambda: None, record=lambda *a, **k: None,
+                           worker_pids=list)
+        assert claim._claim()
+    finally:
+        os.umask(old)
+    made = [jobdir.excluded, jobdir.excluded_node("n1"), jobdir.supervisor,
+            *jobdir.supervisor.iterdir(), jobdir.path / "requeue", jobdir.path / "requeue" / "a"]
+    for path in made:
+        want = modes[0] if path.is_dir() else modes[1]
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))

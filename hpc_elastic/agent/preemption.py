@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hpc_elastic.jobdir import make_dir
+from hpc_elastic.jobdir import file_mode_in, make_dir
 
 # Exit code of an agent that handed its job to a requeue (local mode relaunches on it).
 EXIT_REQUEUED = 75
@@ -155,7 +155,7 @@ class Preemption:
         make_dir(self.claim_path.parent)
         try:
             fd = os.open(self.claim_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW,
-                         0o600)
+                         file_mode_in(self.claim_path.parent))
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as claim:
