@@ -380,7 +380,7 @@ class Supervisor:
         self.log.record("generation.started", f"every agent ended without an outcome; "
                         f"starting generation {self.generation} on {','.join(left)}",
                         generation=self.generation, nodes=left)
-        self.start(left[:self.config.max_nodes])
+        self.start(left[:self.config.max_nodes + self.config.spares])
         return True
 
     def _end_leftovers(self) -> None:
@@ -425,11 +425,14 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         _exclude_dead_batch_host(jobdir, job_id, attempt - 1, log)
     excluded = set(excluded_names(jobdir))
     nodes = [n for n in allocated if n not in excluded]
+    # max_nodes train; up to ``spares`` more agents stand by in the rendezvous (it completes a
+    # round at max_nodes and keeps later joiners waiting until a member is lost).
+    wanted = config.max_nodes + config.spares
     log.record("batch.start", f"job {job_id} attempt {attempt}: allocated "
                f"{','.join(allocated) or '-'}"
                + (f"; skipping excluded {','.join(sorted(excluded & set(allocated)))}"
                   if excluded & set(allocated) else ""),
-               allocated=allocated, excluded=sorted(excluded), nodes=nodes[:config.max_nodes],
+               allocated=allocated, excluded=sorted(excluded), nodes=nodes[:wanted],
                host=env.get("SLURMD_NODENAME") or socket.gethostname())
     stop = _Stop(config.preemption.signal)
     try:
@@ -438,7 +441,7 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
                        f"min {config.min_nodes}", nodes=nodes)
             return 1
         supervisor = Supervisor(jobdir, config, env, stop, log, attempt)
-        rc = supervisor.run(nodes[:config.max_nodes])
+        rc = supervisor.run(nodes[:wanted])
         if supervisor.outcome == "agent.succeeded":
             _cancel_members(jobdir, job_id, pending_only=True)
         else:

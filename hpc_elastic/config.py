@@ -95,6 +95,9 @@ class JobConfig:
     nodes: str = "1"
     nproc_per_node: int = 1
     max_restarts: int = 3
+    #: Hot spares: this many more nodes whose agents stand by in the rendezvous and take a lost
+    #: node's place in the very next round (Slurm jobs; see hpc_elastic/batch.py).
+    spares: int = 0
     monitor_interval: float = 0.5
     job_root: str = "./jobs"
     #: False: everything under the job directory is private (0700/0600). True: the job
@@ -543,6 +546,7 @@ _DAY = 86400.0
 _RANGES: dict[str, tuple[float, float, str]] = {
     "nproc_per_node": (1, 1024, "workers per node"),
     "max_restarts": (0, 100_000, "restarts"),
+    "spares": (0, 100_000, "nodes"),
     "monitor_interval": (0.01, 3600, "seconds"),
     "preemption.grace": (0, 65535, "seconds (Slurm's --signal limit)"),
     "rendezvous.join_timeout": (0.1, 30 * _DAY, "seconds"),

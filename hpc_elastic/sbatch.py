@@ -13,8 +13,10 @@ What the script does, and why:
   --ntasks-per-node=1`` got 2 of 4 idle nodes, ``--nodes=2-3`` alone got 3). The batch
   supervisor starts exactly one agent per node itself, one ``srun --nodes=1 --ntasks=1`` step
   each, and the agent starts the workers (as ``torchrun`` would).
-* ``--no-kill`` (elastic jobs only) keeps the allocation when a node fails, so the survivors can
-  re-form; a fixed-size job cannot continue on fewer nodes, so it lets Slurm end it instead.
+* ``--no-kill`` (elastic jobs, and jobs with hot spares) keeps the allocation when a node
+  fails, so the survivors can re-form; a fixed-size job without spares cannot continue on fewer
+  nodes, so it lets Slurm end it instead. ``spares: K`` asks for K more nodes than ``max``
+  (``--nodes=MIN-MAX+K``): their agents stand by until a node is lost.
 * ``--requeue`` and ``--signal=<sig>@<grace>`` let the agents checkpoint and requeue the job on
   preemption or before the time limit. Without ``B:`` the signal reaches every srun task.
 * The batch step runs ``hpc_elastic batch`` (not ``srun`` directly): it starts one step per
@@ -66,7 +68,7 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
     }
     if member is None:
         extra["requeue"] = True
-        if config.elastic:
+        if config.elastic or config.spares:
             extra["no-kill"] = True
     else:
         # To the batch shell only: it stops the member's agents, which leave the run (see
@@ -90,7 +92,8 @@ def render_sbatch(config: JobConfig, jobdir: JobDir, python: str,
                   f"export {RUN_ID_ENV}={run_id}"]
     setup += slurm.setup
     nodes: int | str = (
-        config.min_nodes if not config.elastic else f"{config.min_nodes}-{config.max_nodes}"
+        config.min_nodes if not config.elastic and not config.spares
+        else f"{config.min_nodes}-{config.max_nodes + config.spares}"
     )
     if member is not None:
         nodes = member.nodes

@@ -236,3 +236,37 @@ def test_too_few_nodes_left_requeues_the_job_without_the_lost_node(tmp_path: Pat
     assert (jobdir.path / "requeue" / "attempt-0").exists()
     assert events(jobdir, "n1")[-1]["kind"] == "shutdown"  # stopped, not failed
     assert summary(jobdir)["requeues"] == 1
+
+
+def test_hot_spare_takes_the_lost_nodes_place_in_the_next_round(tmp_path: Path) -> None:
+    """``nodes: 2``, ``spares: 1`` on 3 nodes: two train, the third's agent stands by in the
+    rendezvous -- longer than ``join_timeout`` without giving up. When a training node is lost,
+    the spare is in the very next round: the world size stays 2, one restart, one spare swap."""
+    jobdir = make_jobdir(tmp_path, "nodes=2", "spares=1", "rendezvous.join_timeout=5",
+                         "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, "
+                         "--step-sleep, 0.2]")
+    fake = tmp_path / "fake"
+    batch = start_batch(jobdir, fake, NODES)
+
+    def trainers() -> list[str]:
+        return [n for n in NODES if any(e["kind"] == "worker.started" for e in events(jobdir, n))]
+    try:
+        wait_for("2 nodes training after a checkpoint", lambda: len(trainers()) == 2 and (
+            jobdir.checkpoints / "last.pt").exists(), timeout=120)
+        (spare,) = [n for n in NODES if n not in trainers()]
+        time.sleep(6)  # the spare stands by past join_timeout (5 s)
+        assert batch.poll() is None and trainers() == [n for n in NODES if n != spare]
+        victim = trainers()[0]
+        (fake / "down").write_text(f"{victim}\n")
+        kill_agent(jobdir, victim)
+    finally:
+        output = finish(batch)
+    assert batch.returncode == 0, output
+    s = summary(jobdir)
+    assert s["status"] == "succeeded"
+    rounds = s["rendezvous_rounds"]
+    assert {r["world_size"] for r in rounds} == {2}, rounds
+    assert sorted(rounds[-1]["participants"]) == sorted(n for n in NODES if n != victim)
+    assert s["restarts"] == 1 and s["spare_swaps"] == 1
+    (restart,) = s["disruptions"]
+    assert restart["swapped_in"] == [spare] and restart["left"] == [victim]

@@ -80,6 +80,7 @@ class Round:
     first_failure: float | None = None
     restart: bool = False  # some node logged workers.restart for it
     restart_reasons: set[str] = field(default_factory=set)
+    join_starts: dict[str, float] = field(default_factory=dict)  # node -> when it began to join
 
     def as_dict(self) -> dict[str, Any]:
         dur = None if self.start is None or self.end is None else round(self.end - self.start, 3)
@@ -313,8 +314,10 @@ def build(job: Job) -> JobModel:
                 start = pending_join.pop(attempt, None)
                 if start is None and isinstance(rec.get("duration_ms"), (int, float)):
                     start = t - rec["duration_ms"] / 1000.0
-                if start is not None and (r.start is None or start < r.start):
-                    r.start = start
+                if start is not None:
+                    r.join_starts[node] = min(start, r.join_starts.get(node, start))
+                    if r.start is None or start < r.start:
+                        r.start = start
                 if r.end is None or t > r.end:
                     r.end = t
                 r.participants.add(node)
@@ -400,6 +403,7 @@ def build(job: Job) -> JobModel:
             elif kind in ("agent.start", "agent.started"):
                 h.ended = "vanished"  # a new attempt starts over
 
+    _standby_starts(rounds)
     losses = _node_losses(runs, rounds, rdzv_ids, deaths)
     _mark_roots(failures, losses)
     failures.sort(key=lambda f: (*_failure_order(f), f["node"] or "", f["rank"] or 0))
@@ -412,6 +416,18 @@ def build(job: Job) -> JobModel:
                     attempts=attempts, attempt_spans=spans, terminal=terminal,
                     preemptions=preemptions, requeues=requeues, events=n_events,
                     losses=losses, root_causes=[root_cause(c) for c in roots])
+
+
+def _standby_starts(rounds: dict[tuple[int, int, int], Round]) -> None:
+    """A later round starts when the previous round's members begin to re-join, not when a node
+    that stood by (a hot spare, a late joiner) began waiting, which may be long before."""
+    ordered = sorted(rounds.values(), key=lambda r: (r.attempt, r.step, r.round))
+    for prev, r in zip(ordered, ordered[1:], strict=False):
+        if (prev.attempt, prev.step) != (r.attempt, r.step):
+            continue
+        rejoined = [t for node, t in r.join_starts.items() if node in prev.participants]
+        if rejoined:
+            r.start = min(rejoined)
 
 
 def _failure_order(f: dict[str, Any]) -> tuple[float, float]:

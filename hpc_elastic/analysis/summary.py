@@ -11,7 +11,8 @@ always adds up to the wall time.
 
 Every disruption is listed with what it cost (``disruptions``): each worker-group restart (from
 the failure, or the membership change, until the next round had formed; plus the training since
-the round began, which a failure may have lost), each relaunch of a node's agent step and each
+the round began, which a failure may have lost; a standing-by node that took a lost one's place
+in it is a *spare swap*), each relaunch of a node's agent step and each
 new rendezvous generation by the batch supervisor (from the step's end until the node trained
 again), and each requeue (from the preemption signal until the next attempt trained).
 """
@@ -170,7 +171,7 @@ def summarize(job: Job) -> dict[str, Any]:
         "requeues": m.requeues + sum(1 for e in batch if e.get("kind") == "batch.requeue"),
         "step_relaunches": sum(1 for e in batch if e.get("kind") == "step.relaunched"),
         "generations": 1 + sum(1 for e in batch if e.get("kind") == "generation.started"),
-        "spare_swaps": 0,  # hot spares are not built yet
+        "spare_swaps": sum(len(d.get("swapped_in") or []) for d in disruptions),
         "disruptions": disruptions,
         "excluded_nodes": [r.to_json() for r in read_excluded(JobDir(job.path))],
         "node_health": health,
@@ -191,10 +192,14 @@ def _disruptions(m: JobModel, batch: list[dict[str, Any]]) -> list[dict[str, Any
         assert prev.end is not None and nxt.end is not None and nxt.start is not None
         failed = prev.first_failure is not None and prev.first_failure >= prev.end
         began = prev.first_failure if failed and prev.first_failure is not None else nxt.start
+        # A node that stood by (a hot spare) taking a lost member's place in this round.
+        gone = prev.participants - nxt.participants
+        came = sorted(nxt.participants - prev.participants)[:len(gone)]
         out.append({"kind": "restart", "reason": "failure" if failed else "membership change",
                     "time": began, "attempt": nxt.attempt, "step": nxt.step,
                     "round": nxt.round, "cost_s": round(nxt.end - began, 3),
-                    "lost_training_s": round(began - prev.end, 3) if failed else 0.0})
+                    "lost_training_s": round(began - prev.end, 3) if failed else 0.0,
+                    "left": sorted(gone), "swapped_in": came})
     for e in batch:
         kind = e.get("kind")
         if kind not in ("step.relaunched", "generation.started"):
@@ -266,13 +271,15 @@ def render(s: dict[str, Any]) -> str:
     out.append(f"attempts {s['attempts']}  worker-group restarts {s['restarts']} "
                f"({s['restarts_after_failure']} after a failure)  failures {s['failures_count']}"
                f"  preemptions {len(s['preemptions'])}  requeues {s['requeues']}")
-    if s["step_relaunches"] or s["generations"] > 1:
+    if s["step_relaunches"] or s["generations"] > 1 or s["spare_swaps"]:
         out.append(f"agent steps relaunched {s['step_relaunches']}  rendezvous generations "
-                   f"{s['generations']}")
+                   f"{s['generations']}  spare swaps {s['spare_swaps']}")
     if s["disruptions"]:
         out.append("disruptions (what each cost until training ran again):")
         for d in s["disruptions"]:
             what = d["kind"] + (f" ({d['reason']})" if d.get("reason") else "")
+            if d.get("swapped_in"):
+                what += f" {','.join(d['swapped_in'])} for {','.join(d['left'])}"
             if d.get("nodes"):
                 what += f" {','.join(str(n) for n in d['nodes'])}"
             lost = (f", training lost <= {dur(d['lost_training_s'])}"

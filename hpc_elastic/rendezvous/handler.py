@@ -244,6 +244,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             if state.closed:
                 self._raise_closed(state)
             now = time.monotonic()
+            if state.phase == COMPLETE and self._node in state.waiting and len(
+                    set(state.participants) - set(state.dead)) >= s.max_nodes:
+                # A hot spare: the running round is full and alive. We stand by until one of
+                # its members is lost (or the run ends); join_timeout counts from then.
+                deadline = max(deadline, now + s.join_timeout)
             if now >= deadline:
                 self._give_up(state)
             if state.version != acted_on and protocol.wants_to_join(
