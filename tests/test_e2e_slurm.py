@@ -220,6 +220,90 @@ def test_node_loss_costs_one_restart_and_the_node_is_excluded(
         slurm_cluster.heal()
 
 
+def test_hot_spare_keeps_the_world_size_after_a_node_loss(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """``nodes: 2``, ``spares: 1``: the job gets 3 nodes, 2 train and 1 stands by. A training
+    node that is not the batch host is power-cut: the spare is in the very next round, the world
+    size stays 2, the summary counts one restart and one spare swap, and the lost node is
+    excluded."""
+    launcher = subprocess.Popen(
+        submit_args(tmp_path, "--wait", "--set", "nodes=2", "--set", "spares=1", "--set",
+                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_of(slurm_cluster),
+        stdin=subprocess.DEVNULL)
+    try:
+        jobdir = wait_for("2 nodes training", lambda: next(
+            (JobDir(p) for p in tmp_path.iterdir() if len(training_nodes(JobDir(p))) == 2),
+            None), timeout=120)
+        job = slurm_cluster.scontrol_job(int(job_id_of(jobdir))) or {}
+        assert job.get("NumNodes", "").startswith("3"), job
+        wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
+        trainers = training_nodes(jobdir)
+        victim = next(n for n in trainers if n != job.get("BatchHost"))
+        slurm_cluster.kill_node(victim)
+        output, _ = launcher.communicate(timeout=240 + 3 * slurmd_timeout(slurm_cluster))
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    try:
+        assert launcher.returncode == 0, output[-3000:] + slurm_logs(jobdir)
+        summary = summary_json(jobdir)
+        summary_text(jobdir)
+        assert summary["status"] == "succeeded"
+        assert {r["world_size"] for r in summary["rendezvous_rounds"]} == {2}
+        assert summary["restarts"] == 1 and summary["spare_swaps"] == 1
+        assert [x["node"] for x in summary["excluded_nodes"]] == [victim]
+        assert_nothing_left(slurm_cluster, jobdir)
+    finally:
+        slurm_cluster.heal()
+
+
+def test_batch_host_loss_requeues_and_resumes_without_it(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The batch host (where the supervisor runs) is power-cut: Slurm ends the attempt and
+    requeues the job (``--requeue``); attempt 1 resumes from the checkpoint on the other nodes,
+    and its supervisor excludes the dead batch host (its predecessor left no end record and
+    Slurm reports the node down)."""
+    result = subprocess.run(
+        submit_args(tmp_path, "--set", "nodes=2:3", "--set",
+                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+        capture_output=True, text=True, timeout=60, env=env_of(slurm_cluster),
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobdir = the_jobdir(tmp_path)
+    job_id = int(job_id_of(jobdir))
+    try:
+        wait_for("3 nodes training", lambda: len(training_nodes(jobdir)) == 3, timeout=120)
+        wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
+        host = (slurm_cluster.scontrol_job(job_id) or {}).get("BatchHost", "")
+        slurm_cluster.kill_node(host)
+        wait_for("the requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {}).get(
+            "Restarts") == "1" and slurm_cluster.job_state(job_id) == "PENDING", 120)
+        slurm_cluster.release(job_id)
+        state = slurm_cluster.wait_job(job_id, timeout=240)
+        assert state == "COMPLETED", slurm_logs(jobdir)
+    finally:
+        if slurm_cluster.job_state(job_id) not in (None, "COMPLETED", "CANCELLED", "FAILED"):
+            slurm_cluster.run(["scancel", str(job_id)])
+    try:
+        summary = summary_json(jobdir)
+        summary_text(jobdir)
+        assert summary["status"] == "succeeded" and summary["attempts"] == 2
+        assert [x["node"] for x in summary["excluded_nodes"]] == [host]
+        last = [r for r in summary["rendezvous_rounds"] if r["attempt"] == 1]
+        assert last and all(host not in r["participants"] for r in last)
+        starts = [int(m.group(3)) for p in
+                  jobdir.path.glob("nodes/*/workers/attempt-1/restart-0/rank-0/stdout.log")
+                  if (m := RESUMED.search(p.read_text()))]
+        assert starts and min(starts) >= 10, starts
+        assert any(d["kind"] == "requeue" for d in summary["disruptions"])
+        assert_nothing_left(slurm_cluster, jobdir)
+    finally:
+        slurm_cluster.heal()
+
+
 # -- 6. stale directory ----------------------------------------------------------------------
 
 def test_second_job_is_not_confused_by_a_crashed_first_ones_leftovers(
