@@ -272,3 +272,24 @@ def test_an_unusable_fallback_log_directory_ends_the_agent_with_its_reason(
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert_ended_with(jobdir, "another user")
     assert list(taken.iterdir()) == [], "nothing written into the other user's directory"
+
+
+def test_a_corrupt_rendezvous_state_is_the_agents_final_event(tmp_path: Path) -> None:
+    """A first agent leaves the run's rendezvous state; it is then damaged (a disk error, a
+    hostile write), and the next agent of that run cannot read it: it ends, and says why."""
+    job = make_job(tmp_path, "print('hi')\n")
+    jobdir, first = run_one_agent(tmp_path, job)
+    assert first.returncode == 0, first.stderr[-2000:]
+    damaged = [p for p in jobdir.rendezvous.rglob("versions/*") if p.is_file()]
+    assert damaged, sorted(jobdir.rendezvous.rglob("*"))
+    for path in damaged:
+        path.write_bytes(b'{"format": "garbage"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "t-ending",
+             "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = events(jobdir.events("local0"))[-1]
+    assert last["kind"] == "agent.failed" and "Corrupt" in last["error_type"], last
