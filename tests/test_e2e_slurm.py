@@ -128,6 +128,16 @@ def start_three_nodes(cluster: SlurmCluster, job_root: Path
     return launcher, jobdir, job.get("BatchHost", ""), jobdir.node_names(), rank0_node(jobdir)
 
 
+def power_cut(cluster: SlurmCluster, node: str) -> None:
+    """The node loses power: its slurmd and everything on it die at once (the namespace
+    cluster's ``power_cut``, else ``kill_node``)."""
+    cut = getattr(cluster, "power_cut", None)
+    if cut is not None:
+        cut(node)
+    else:
+        cluster.kill_node(node)
+
+
 def slurmd_timeout(cluster: SlurmCluster) -> float:
     """The cluster's SlurmdTimeout (``scontrol show config``)."""
     for line in cluster.run(["scontrol", "show", "config"]).stdout.splitlines():
@@ -173,7 +183,7 @@ def test_node_loss_costs_one_restart_and_the_node_is_excluded(
         assert victim not in (None, batch_host), f"rank 0 on the batch host {attempt + 1} times"
         wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
         killed_at = time.time()
-        slurm_cluster.kill_node(victim)
+        power_cut(slurm_cluster, victim)
         reformed = wait_for("the survivors' round without the victim",
                             lambda: round_without(jobdir, victim, killed_at), timeout=60)
         down_seen = slurm_cluster.node_states().get(victim, "")
@@ -241,7 +251,7 @@ def test_hot_spare_keeps_the_world_size_after_a_node_loss(
         wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
         trainers = training_nodes(jobdir)
         victim = next(n for n in trainers if n != job.get("BatchHost"))
-        slurm_cluster.kill_node(victim)
+        power_cut(slurm_cluster, victim)
         output, _ = launcher.communicate(timeout=240 + 3 * slurmd_timeout(slurm_cluster))
     finally:
         if launcher.poll() is None:
@@ -278,7 +288,7 @@ def test_batch_host_loss_requeues_and_resumes_without_it(
         wait_for("3 nodes training", lambda: len(training_nodes(jobdir)) == 3, timeout=120)
         wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
         host = (slurm_cluster.scontrol_job(job_id) or {}).get("BatchHost", "")
-        slurm_cluster.kill_node(host)
+        power_cut(slurm_cluster, host)
         wait_for("the requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {}).get(
             "Restarts") == "1" and slurm_cluster.job_state(job_id) == "PENDING", 120)
         slurm_cluster.release(job_id)
