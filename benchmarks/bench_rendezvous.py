@@ -7,6 +7,9 @@
     .venv/bin/python benchmarks/bench_rendezvous.py --roots /mnt/a/r,/mnt/b/r,/mnt/c/r
                                    # one directory seen through several mounts (GlusterFS
                                    # clients): agent i uses root i mod 3; no kill part
+    .venv/bin/python benchmarks/bench_rendezvous.py --roots /shared/r --mntns NS0,NS1,NS2
+                                   # one path, each agent process in mount namespace i mod 3
+                                   # (tests/sharedfs nodes: each has its own client there)
 
 Three parts, every process on this machine, directories on local disk (``tempfile``):
 
@@ -87,7 +90,27 @@ def _make_handler(kind: str, root: str, run_id: str, n: int, index: int, port: i
     return get_rendezvous_handler(params)
 
 
+MNTNS: list[str] = []
+
+
+def _enter_node(index: int) -> None:
+    """Enter mount namespace ``index mod k`` of ``--mntns`` (a forked, single-threaded child):
+    from then on this process reaches the shared directory through that node's own client."""
+    if not MNTNS:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(MNTNS[index % len(MNTNS)], os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
+            raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNS) failed")
+    finally:
+        os.close(fd)
+
+
 def _agent(kind, roots, run_id, n, index, port, ready, finished, results) -> None:
+    _enter_node(index)
     handler = _make_handler(kind, roots[index % len(roots)], run_id, n, index, port)
     ready.wait()
     called = time.time()
@@ -190,9 +213,10 @@ def part_kill() -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- 3. scale
-def _scale_process(root, run_id, n, count, ready, finished, results) -> None:
+def _scale_process(root, run_id, n, count, ready, finished, results, index=0) -> None:
     from hpc_elastic.rendezvous import create_handler
 
+    _enter_node(index)
     handlers = [create_handler(root, run_id, n, n, local_addr="127.0.0.1")
                 for _ in range(count)]
     out: list[tuple] = []
@@ -218,12 +242,13 @@ def _scale_process(root, run_id, n, count, ready, finished, results) -> None:
 
 
 def scale(n: int, roots: list[str], processes: int = 4) -> dict:
+    processes = max(processes, len(MNTNS))
     ready, finished = FORK.Barrier(processes), FORK.Barrier(processes)
     results = FORK.Queue()
     per = [n // processes + (1 if i < n % processes else 0) for i in range(processes)]
     procs = [FORK.Process(target=_scale_process,
                           args=(roots[i % len(roots)], f"scale-{n}", n, c, ready, finished,
-                                results))
+                                results, i))
              for i, c in enumerate(per)]
     for p in procs:
         p.daemon = True
@@ -276,6 +301,8 @@ def _roots(roots: list[str] | None):
         return
     name = f"bench-{os.getpid()}-{time.time_ns()}"
     os.makedirs(os.path.join(roots[0], name), mode=0o700)
+    if MNTNS:  # one path seen through every node's client: wait until each node sees it
+        time.sleep(1.5)
     try:
         yield [os.path.join(r, name) for r in roots]
     finally:
@@ -288,6 +315,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (2 agents, 32 participants, no kill part): < 60 s")
     parser.add_argument("--roots", help="comma-separated: one directory through several mounts")
+    parser.add_argument("--mntns", help="comma-separated mount namespace files (nsfs) to spread "
+                        "the agents over; --roots then names one path valid in all of them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="2,4,8,16")
     parser.add_argument("--scale", default="256,512")
@@ -299,6 +328,8 @@ def main() -> None:
     if args.smoke:
         args.repeats, args.sizes, args.scale, args.skip_kill = 1, "2", "32", True
     roots = args.roots.split(",") if args.roots else None
+    if args.mntns:
+        MNTNS[:] = args.mntns.split(",")
     if roots:
         args.skip_kill = True  # the kill part's agents use one local directory
 
@@ -309,6 +340,7 @@ def main() -> None:
     print(f"# bench_rendezvous ({_load()})")
     result: dict[str, object] = {"load_start": os.getloadavg()}
     result["roots"] = roots
+    result["mount_namespaces"] = list(MNTNS)
     result["first"] = part_first([int(x) for x in args.sizes.split(",")], args.repeats, roots)
     if not args.skip_kill:
         result["kill"] = part_kill()
