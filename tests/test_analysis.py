@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +207,12 @@ def test_missing_node_dir_and_running_job(small_job: JobDir,
     assert rc == 0 and s["status"] == "running" and s["nodes"] == ["a"]
     assert any("1 of 2 configured node" in n for n in s["notes"])
     assert s["node_health"][0]["ended"] == "running?"
+    # Still running: the clock (and the training phase) runs to now, not to the last event.
+    assert s["clock_to_now"] and s["last_event"] == T0 + 2.1
+    assert s["wall_s"] >= time.time() - T0 - 5
+    assert s["time_split_s"]["training"] >= time.time() - T0 - 10
+    rc, text = run_cmd(capsys, "summary", small_job.path)
+    assert " to now (still running; last event " in text
     for command in ("timeline", "failures", "metrics"):
         assert run_cmd(capsys, command, small_job.path)[0] == 0
 
@@ -227,6 +234,12 @@ def test_missing_fields_and_failed_job(small_job: JobDir,
     (root,) = [f for f in s["failures"] if f["root"]]
     assert root["message"] == "ValueError: boom"  # not the cascade, though it came later
     assert any("without a valid 'time'" in n for n in s["notes"])
+    rc, text = run_cmd(capsys, "failures", small_job.path)
+    header, first, second = text.split("\n\n")[:3]
+    assert header == ("2 failure(s), 1 root cause(s); the root cause(s) first, then 1 "
+                      "secondary in time order")
+    assert first.startswith("ROOT ") and "ValueError: boom" in first  # the root leads ...
+    assert "Connection closed by peer" in second and "secondary to: a rank 1" in second
 
 
 def test_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -526,3 +539,23 @@ def test_a_cancelled_job_has_no_node_that_left(small_job: JobDir,
     write_job(small_job, ev)
     s = summary_of(small_job, capsys)
     assert s["status"] == "cancelled" and s["root_cause"] is None and not s["node_losses"]
+
+
+def test_throttled_metric_percentiles_come_from_window_means(
+    small_job: JobDir, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aggregate line stands for its window's samples: count/sum/max are exact, the value is
+    only the window's LAST sample. Two windows of mostly 1 ms ticks that each ended with a 5 ms
+    tick: the percentiles must not say the typical tick took 5 ms (above the mean of 1.1)."""
+    write_events(small_job, "a", basic_node("a"))
+    small_job.metrics("a").write_text("".join(json.dumps(
+        {"v": 1, "time": T0 + 3 + i, "node": "a", "name": "tick.duration.ms", "value": 5.0,
+         "count": 10, "sum": total, "min": 0.5, "max": 5.0}) + "\n" for i, total in
+        enumerate((10.0, 12.0))))
+    rc, out = run_cmd(capsys, "metrics", small_job.path, as_json=True)
+    (row,) = json.loads(out)["metrics"]
+    assert row["count"] == 20 and row["mean"] == pytest.approx(1.1) and row["max"] == 5.0
+    assert row["approx"] and row["p50"] == pytest.approx(1.0) and row["p95"] == pytest.approx(1.2)
+    rc, text = run_cmd(capsys, "metrics", small_job.path)
+    assert text.splitlines()[1].endswith(" ~")
+    assert "p50/p95 are over the windows' means" in text

@@ -94,6 +94,11 @@ def test_cancel_is_reported_as_cancelled(tmp_path: Path) -> None:
                    and len(job.state().nodes) == 2)
         with pytest.raises(TimeoutError):
             job.wait(timeout=1, progress=False)
+        time.sleep(3)  # agents log nothing while training goes well
+        summary = job.summary()  # of a running job: its clock runs to now
+        assert summary.status == "running" and summary.data["clock_to_now"]
+        assert summary.wall_s >= time.time() - summary.data["submitted_at"] - 1
+        assert summary.wall_s > summary.data["last_event"] - summary.data["submitted_at"] + 2
         said = job.cancel()
         assert "cancelled" in said
         outcome = job.wait(timeout=60, progress=False)

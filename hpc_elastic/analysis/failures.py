@@ -1,5 +1,8 @@
 """``logs failures``: each worker failure, its root-cause line, and the failing rank's stderr.
 
+The roots come first: a cascade's consequences (the peers' gloo errors, the agent's SIGTERMs)
+outnumber its cause and used to bury it at the end of the list.
+
 Nodes lost mid-run are listed with the failures: a loss is often the root of its cascade, and
 the survivors' connection errors after it are then marked secondary to it (see ``model``).
 
@@ -80,7 +83,10 @@ def _header(data: dict[str, Any]) -> str:
     left = sum(1 for c in losses if c["kind"] == "node_left")
     lost = (f", {len(losses) - left} node(s) lost" if len(losses) > left else "") + (
         f", {left} node(s) left" if left else "")
-    return f"{len(fs)} failure(s){lost}, {len(data.get('root_causes') or [])} root cause(s)"
+    roots = len(data.get("root_causes") or [])
+    rest = len(fs) + len(losses) - roots
+    order = f"; the root cause(s) first, then {rest} secondary in time order" if rest > 0 else ""
+    return f"{len(fs)} failure(s){lost}, {roots} root cause(s){order}"
 
 
 def _loss_block(c: dict[str, Any]) -> list[str]:
@@ -109,9 +115,11 @@ def _failure_block(f: dict[str, Any]) -> list[str]:
 
 
 def render(data: dict[str, Any]) -> str:
-    """Failures and node losses as text in time order, one block each, the roots marked."""
+    """Failures and node losses as text, one block each: the roots first (what to fix), then
+    the rest -- mostly consequences of a root -- in time order."""
     out = [_header(data)]
-    items = sorted([*(data.get("node_losses") or []), *data["failures"]], key=cause_key)
+    items = sorted([*(data.get("node_losses") or []), *data["failures"]],
+                   key=lambda c: (not c["root"], cause_key(c)))
     for c in items:
         out.append("")
         out.extend(_loss_block(c) if c["kind"] in NODE_CAUSES else _failure_block(c))

@@ -2,8 +2,11 @@
 
 Files are streamed line by line; only the numeric values are kept (an ``array('d')`` per series,
 8 bytes a sample) because exact percentiles need them. Aggregate lines of the throttled agent
-file (``count``/``sum``/``max``) contribute their full count, sum and max; their percentiles can
-only use the one sample the line carries (its last), which the output says in ``approx``.
+file (``count``/``sum``/``max`` of one window) contribute their full count, sum and max, so mean
+and max stay exact. Their samples are gone, so a percentile of such a series is taken over the
+windows' means, each weighted by its count (``approx``). It used to take the one sample each
+line carries (its window's last), which put the median above the mean of series whose last
+sample is typical but whose window holds a few small ones (``.duration.ms`` of a monitor tick).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class Series:
     """Running statistics of one metric (one name, optionally one node)."""
 
     values: array = field(default_factory=lambda: array("d"))
+    weights: array = field(default_factory=lambda: array("d"))  # samples behind each value
     count: int = 0
     total: float = 0.0
     maximum: float = -math.inf
@@ -29,23 +33,31 @@ class Series:
     sources: set[str] = field(default_factory=set)
 
     def add(self, rec: dict[str, Any], value: float) -> None:
-        self.values.append(value)
         n = rec.get("count")
         s, mx = rec.get("sum"), rec.get("max")
-        if isinstance(n, int) and n > 1 and isinstance(s, (int, float)):
+        if isinstance(n, int) and n > 1 and isinstance(s, (int, float)) and math.isfinite(s):
+            self.values.append(s / n)  # the window's mean stands for its n samples
+            self.weights.append(n)
             self.count += n
             self.total += s
             self.maximum = max(self.maximum, mx if isinstance(mx, (int, float)) else value)
             self.approx = True
         else:
+            self.values.append(value)
+            self.weights.append(1.0)
             self.count += 1
             self.total += value
             self.maximum = max(self.maximum, value)
 
     def stats(self) -> dict[str, Any]:
-        vals = sorted(self.values)
+        if self.approx:
+            pairs = sorted(zip(self.values, self.weights, strict=True))
+            p50, p95 = _weighted_pct(pairs, 50), _weighted_pct(pairs, 95)
+        else:
+            vals = sorted(self.values)
+            p50, p95 = _pct(vals, 50), _pct(vals, 95)
         return {"count": self.count, "mean": self.total / self.count if self.count else None,
-                "p50": _pct(vals, 50), "p95": _pct(vals, 95),
+                "p50": p50, "p95": p95,
                 "max": self.maximum if self.count else None, "approx": self.approx,
                 "sources": sorted(self.sources)}
 
@@ -58,6 +70,19 @@ def _pct(sorted_vals: list[float], p: float) -> float | None:
     lo = math.floor(k)
     hi = min(lo + 1, len(sorted_vals) - 1)
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def _weighted_pct(pairs: list[tuple[float, float]], p: float) -> float | None:
+    """The smallest value whose cumulative weight reaches ``p`` percent of the total."""
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return None
+    goal, seen = total * p / 100.0, 0.0
+    for value, weight in pairs:
+        seen += weight
+        if seen >= goal:
+            return value
+    return pairs[-1][0]
 
 
 def _number(v: Any) -> float | None:
@@ -126,7 +151,10 @@ def render(data: dict[str, Any]) -> str:
                     + (" ~" if r["approx"] else ""))
             out.append((f"{r['node']:<12} " if data["per_node"] else "") + line)
         if any(r["approx"] for r in rows):
-            out.append("~ percentiles from throttled agent lines (one sample per 10 s window)")
+            out.append("~ throttled series: the agent keeps count, sum and max per 120 s window, "
+                       "not each sample; count, mean and max are exact, p50/p95 are over the "
+                       "windows' means (weighted by their counts), so they are smoother than "
+                       "the samples")
     foot = footer(data["notes"])
     if foot:
         out.append(foot)

@@ -20,6 +20,7 @@ again), and each requeue (from the preemption signal until the next attempt trai
 from __future__ import annotations
 
 import json
+import time
 from itertools import pairwise
 from typing import Any
 
@@ -119,25 +120,35 @@ def _lost_for_good(m: JobModel) -> set[str]:
             if loss["last_event"] == m.health[loss["node"]].last}
 
 
-def summarize(job: Job) -> dict[str, Any]:
-    """The summary as a JSON-ready dict (the text output is rendered from it)."""
+def summarize(job: Job, now: float | None = None) -> dict[str, Any]:
+    """The summary as a JSON-ready dict (the text output is rendered from it).
+
+    A job whose agents have not ended (status ``running``) is still using its time: its clock
+    and its last phase run to ``now`` (default: the current time), not to its last event, which
+    may be minutes old while training goes well (``clock_to_now`` says so).
+    """
     m = build(job)
+    status = status_of(m)
+    if status == "running" and agents_gone(job.dir):
+        status = "ended"
+        job.note(NO_FINAL_EVENT)
+    end = m.last_event
+    running = status == "running" and end is not None and bool(m.attempts)
+    if running:
+        end = max(end, time.time() if now is None else now)
+        m.attempt_spans[max(m.attempts)][1] = end
     segs = _segments(m)
     split = {p: 0.0 for p in PHASES}
     for name, a, b in segs:
         split[name] += b - a
     begin = m.submitted_at if m.submitted_at is not None else m.first_start
-    wall = (m.last_event - begin) if begin is not None and m.last_event is not None else None
+    wall = (end - begin) if begin is not None and end is not None else None
     if wall is not None and wall - sum(split.values()) > 0.0005:
         split["other"] = wall - sum(split.values())
     batch = job.supervisor_events()
     disruptions = _disruptions(m, batch)
     restarts = [r for r in m.rounds.values() if r.restart]
     failure_restarts = sum(1 for r in restarts if "failure" in r.restart_reasons)
-    status = status_of(m)
-    if status == "running" and agents_gone(job.dir):
-        status = "ended"
-        job.note(NO_FINAL_EVENT)
     health = [h.as_dict() for h in m.health.values()]
     if status == "running":
         lost = _lost_for_good(m)
@@ -151,6 +162,7 @@ def summarize(job: Job) -> dict[str, Any]:
         "submitted_at": m.submitted_at,
         "first_event": min((h.first for h in m.health.values() if h.first), default=None),
         "last_event": m.last_event,
+        "clock_to_now": running,  # a running job: wall time and last phase run to now
         "wall_s": None if wall is None else round(wall, 3),
         "time_split_s": {k: round(v, 3) for k, v in split.items()},
         "nodes": m.nodes,
@@ -260,8 +272,10 @@ def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
 def render(s: dict[str, Any]) -> str:
     """The human-readable summary."""
     out = [f"job {s['job_id'] or '?'}  {s['status'].upper()}  ({s['job_dir']})"]
+    until = (f"now (still running; last event {iso(s['last_event'])})" if s.get("clock_to_now")
+             else iso(s["last_event"]))
     out.append(f"wall time {dur(s['wall_s'])}  from {iso(s['submitted_at'] or s['first_event'])}"
-               f" to {iso(s['last_event'])}")
+               f" to {until}")
     wall = s["wall_s"] or 0.0
     for name, v in s["time_split_s"].items():
         if v or name in ("rendezvous", "training"):
