@@ -6,6 +6,9 @@ rendezvous/torch log lines) exercise the same code. The summary runs in a CHILD 
 peak RSS (``ru_maxrss`` of that process) is the command's own, not this generator's.
 
     .venv/bin/python benchmarks/bench_analysis.py [--nodes 64] [--events 1000000] [--keep DIR]
+    .venv/bin/python benchmarks/bench_analysis.py --smoke    # does it still run? (tiny sizes)
+
+``--command plot`` renders the job's timeline (``--keep DIR`` to look at the PNG).
 
 Targets: < 10 s and < 500 MB peak RSS.
 """
@@ -106,8 +109,14 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=64)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--keep", type=Path, help="write the job dir here and keep it")
-    ap.add_argument("--command", default="summary", choices=["summary", "metrics", "failures"])
+    ap.add_argument("--command", default="summary",
+                    choices=["summary", "metrics", "failures", "plot"])
+    ap.add_argument("--smoke", action="store_true",
+                    help="4 nodes, 4,000 events: checks that the benchmark runs (the test suite "
+                    "does); its numbers mean nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.nodes, args.events = 4, 4000
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp) / "bench-job"
         t = time.perf_counter()

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_telemetry.py   # ~10 min: micro + 4 rounds of ~130 s
     .venv/bin/python benchmarks/bench_telemetry.py --seconds 60 --drain-interval 60  # ~6 min
+    .venv/bin/python benchmarks/bench_telemetry.py --smoke   # does it still run? (tiny sizes)
 
 Part 1 times each path in-process (files in a temporary directory on local disk): warm loops,
 and the per-tick metric calls *cold* (after a 20 ms sleep), paired against torch's own
@@ -479,7 +480,14 @@ def main() -> None:
                     help="install(metric_drain_interval_s=...) of the 'on' and A/B agents")
     ap.add_argument("--ab-block", type=int, default=10,
                     help="ticks per handler switch in the A/B agents")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, to check that the benchmark runs (the test suite does); "
+                    "its numbers mean nothing")
     args = ap.parse_args()
+    if args.smoke:
+        args.n, args.ticks, args.repeats, args.ab_block = 500, 20, 1, 3
+        args.seconds, args.warmup, args.drain_interval = 4.0, 3.0, 1.0
+        args.monitor_interval = 0.1  # enough A/B ticks in the short window
     if args.seconds is None:
         args.seconds = args.drain_interval
 

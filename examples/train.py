@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-sleep", type=float, default=0.0,
                         help="seconds to sleep per step, to make a short run observable")
     parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--metric-every", type=int, default=5,
+                        help="report the loss every N steps (0: once per epoch)")
     parser.add_argument("--fail-at-step", type=int, default=-1,
                         help="inject an exception at this global step (first attempt only)")
     parser.add_argument("--fail-rank", type=int, default=0)
@@ -170,11 +172,14 @@ def main() -> None:
             optimizer.step()
             last_loss = loss.item()
             global_step += 1
+            if args.metric_every > 0 and global_step % args.metric_every == 0:
+                emit_metric("loss", last_loss)
             if args.step_sleep:
                 time.sleep(args.step_sleep)
         epoch, step_in_epoch = epoch + 1, 0
         elapsed = time.monotonic() - started
-        emit_metric("loss", last_loss)
+        if args.metric_every <= 0:
+            emit_metric("loss", last_loss)
         emit_metric("samples_per_s", args.steps_per_epoch * args.batch_size / max(elapsed, 1e-9))
         if rank == 0:
             save_checkpoint(ckpt_path, snapshot(epoch, 0))

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="output file (default <jobdir>/analysis.png)")
         parser.add_argument("--metric", action="append", metavar="NAME",
                             help="worker metric to plot (repeatable; default loss)")
+        parser.add_argument("--text", action="store_true",
+                            help="print a plain-text timeline instead (also what happens "
+                            "when matplotlib is not installed)")
     elif command != "summary":
         raise ValueError(f"unknown logs command {command!r}")
 
@@ -129,11 +132,15 @@ def _plot(job: Job, args: argparse.Namespace, as_json: bool) -> int:
 
     out = Path(getattr(args, "out", None) or job.path / "analysis.png")
     names = tuple(getattr(args, "metric", None) or ("loss",))
+    if getattr(args, "text", False):
+        print(plot.text_timeline(job))
+        return 0
     try:
         data = plot.plot(job, out, names)
-    except plot.PlotUnavailable as exc:
-        _err(str(exc))
-        return 1
+    except plot.PlotUnavailable as exc:  # the text timeline instead, and how to get the PNG
+        print(plot.text_timeline(job))
+        _err(f"{exc}; printed a text timeline instead of {out}")
+        return 0
     if as_json:
         emit_json(data)
     else:
