@@ -242,10 +242,10 @@ def _job_arg(parser: argparse.ArgumentParser) -> None:
                         "'hpc-elastic list', or a job directory")
 
 
-def _root_arg(parser: argparse.ArgumentParser, what: str = "look for JOB in") -> None:
+def _root_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", metavar="DIR",
-                        help=f"the job root to {what} (a job file's job_root); default: your "
-                        "recent jobs (every submit records its job), then ./jobs")
+                        help="the job root to look for JOB in (a job file's job_root); default: "
+                        "your recent jobs (every submit records its job), then ./jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         "event, without asking Slurm) and directory. Without --root: the jobs you submitted "
         "from this account (recorded in ~/.local/state/hpc_elastic/jobs.jsonl, or under "
         "$XDG_STATE_HOME), wherever their job_root is.")
-    _root_arg(p, "list")
+    p.add_argument("--root", metavar="DIR", help="list the jobs under this job root (a job "
+                   "file's job_root) instead of your recent jobs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
 

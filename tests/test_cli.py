@@ -71,3 +71,26 @@ def test_submit_bad_config_is_one_paragraph_and_exit_2(
 def test_missing_subcommand_is_a_usage_error() -> None:
     result = run_cli()
     assert result.returncode == 2 and "COMMAND" in result.stderr
+
+
+def test_help_examples_name_files_that_exist_in_a_checkout() -> None:
+    """The examples in --help are what a new user types after the demo: the files they name
+    must exist (job.yaml is the one the first example, 'init', writes)."""
+    epilog = run_cli("--help").stdout.split("examples:")[1].split("exit codes:")[0]
+    paths = [word for word in epilog.split() if "/" in word or word.endswith((".yaml", ".py"))]
+    assert "examples/demo.yaml" in paths
+    repo = Path(__file__).resolve().parent.parent
+    missing = [p for p in paths if p != "job.yaml" and not (repo / p).exists()]
+    assert not missing, f"--help names paths that do not exist: {missing}"
+
+
+def test_list_has_a_description_and_logs_errors_look_like_every_other_command(
+    tmp_path: Path,
+) -> None:
+    described = " ".join(run_cli("list", "--help").stdout.split())
+    assert "Without --root: the jobs you submitted" in described
+    logs = run_cli("logs", "summary", "no-such-job", cwd=tmp_path)
+    status = run_cli("status", "no-such-job", cwd=tmp_path)
+    assert logs.returncode == status.returncode == 2
+    assert logs.stderr.startswith("error: no-such-job: not a job directory")
+    assert logs.stderr.split(":")[0] == status.stderr.split(":")[0] == "error"
