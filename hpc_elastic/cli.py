@@ -173,9 +173,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no jobs under {args.root}" if args.root else
               f"no recent jobs in {jobindex.index_path()} (--root DIR lists a job root)")
+    width = max([12, *(len(row["job_id"] or "-") for row in rows)])
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["submitted_at"] or 0))
-        print(f"{when}  {row['job_id'] or '-':<12} {row['mode'] or '-':<6} "
+        print(f"{when}  {row['job_id'] or '-':<{width}} {row['mode'] or '-':<6} "
               f"{row['outcome']:<22} {row['jobdir']}")
     return EXIT_OK
 
