@@ -20,9 +20,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((REPO / "benchmarks").glob("bench_*.py"))
 SMOKE_LIMIT_S = 60
-# Benchmarks whose --smoke is being added in parallel work; skipped (saying so) only while their
-# source has no --smoke yet, so the entry stops mattering the moment it lands. Remove it then.
-AWAITING_SMOKE = {"bench_rendezvous.py"}
 
 
 def needs_slurm(path: Path) -> bool:
@@ -35,8 +32,6 @@ def needs_slurm(path: Path) -> bool:
     for path in BENCHMARKS])
 def test_benchmark_smoke(bench: Path, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     if "--smoke" not in bench.read_text():
-        if bench.name in AWAITING_SMOKE:
-            pytest.skip(f"{bench.name} has no --smoke yet (being added in parallel)")
         pytest.fail(f"{bench.name} has no --smoke mode; every benchmark needs one (tiny sizes, "
                     f"< {SMOKE_LIMIT_S} s) so that the test suite runs it")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,4 +47,5 @@ def test_benchmark_smoke(bench: Path, request: pytest.FixtureRequest, tmp_path: 
 
 
 def test_benchmarks_are_found() -> None:
-    assert {p.name for p in BENCHMARKS} >= {"bench_analysis.py", "bench_telemetry.py"}
+    assert {p.name for p in BENCHMARKS} >= {"bench_analysis.py", "bench_rendezvous.py",
+                                            "bench_telemetry.py"}
