@@ -40,7 +40,9 @@ def test_benchmark_smoke(bench: Path, request: pytest.FixtureRequest, tmp_path: 
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
                             text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                            timeout=4 * SMOKE_LIMIT_S)  # a loaded CI machine gets slack
+                            timeout=10 * SMOKE_LIMIT_S)  # slack for a loaded machine: the
+    # telemetry smoke (5 agents importing torch at once) took 117 s at load average 22 on the
+    # 2-core dev VM, 15 s of it CPU
     took = time.monotonic() - started
     assert result.returncode == 0, (result.stdout[-3000:] + result.stderr[-3000:])
     print(f"{bench.name} --smoke: {took:.1f} s")
