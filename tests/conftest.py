@@ -5,8 +5,10 @@
 # controller (no DNS lookups by Slurm's commands), XDG_STATE_HOME is private (the job index).
 #
 # --- Slurm test cluster (tests/slurm_cluster/) ------------------------------------------------
-# `slurm_cluster`: session-scoped, a real multi-node Slurm cluster on loopback (SlurmCluster:
-# .env, .nodes, .partition, .state_dir, .sbatch(), .wait_job(), .kill_node(), .heal(), ...).
+# `slurm_cluster`: session-scoped, a real multi-node Slurm cluster (SlurmCluster:
+# .env, .nodes, .partition, .state_dir, .sbatch(), .wait_job(), fault tools, .heal(), ...);
+# nodes are network/mount/UTS namespaces with their own GlusterFS client. `tmp_path` of a
+# slurm test is on the cluster's shared volume (same path on every node).
 # Tests marked @pytest.mark.slurm get it automatically; without a cluster they error (never
 # skip; leave them out explicitly with -m "not slurm"). Details: tests/slurm_cluster/README.md.
 from isolation import isolated_slurm_and_state  # noqa: F401, I001  (fixtures are found by name)
@@ -14,6 +16,7 @@ from slurm_cluster.fixture import (  # noqa: F401  (fixtures are found by name)
     SlurmCluster,
     _slurm_marker_needs_cluster,
     slurm_cluster,
+    tmp_path,
 )
 
 # --- GlusterFS clients without Slurm (tests/sharedfs/) -------------------------------------------

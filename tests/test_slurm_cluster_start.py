@@ -18,10 +18,8 @@ def test_a_cluster_that_does_not_start_fails_the_slurm_tests(tmp_path: Path) -> 
         **os.environ,
         "PYTHONPATH": str(TESTS),
         # a private state directory and a setting start.sh refuses before touching anything
-        # (no nodes: no /etc/hosts lines either)
         "HPC_ELASTIC_SLURM_DIR": str(tmp_path / "state"),
         "HPC_ELASTIC_SLURM_NODES": "0",
-        "HPC_ELASTIC_SLURM_PROCTRACK": "bogus",
     }
     env.pop("CI", None)  # not only in CI
     result = subprocess.run(
@@ -33,4 +31,5 @@ def test_a_cluster_that_does_not_start_fails_the_slurm_tests(tmp_path: Path) -> 
     assert result.returncode == 1, out
     assert "1 error" in out and "skipped" not in out, out
     assert 'pytest -m "not slurm"' in out, "the error names the explicit way out"
-    assert "PROCTRACK=bogus" in out, "the error shows the start log's tail"
+    assert "HPC_ELASTIC_SLURM_NODES=0: use 1..80 nodes" in out, "the start log's tail is shown"
+    assert not (tmp_path / "state").exists(), "start.sh touched nothing"

@@ -18,7 +18,11 @@ CLUSTER=hpcelastic
 PARTITION=debug
 NODE_PREFIX=n
 
-# Ports (all on 127.0.0.x): slurmctld, slurmdbd, MariaDB, then one per slurmd.
+# Which volume job directories go on by default (the tests' tmp_path): cached or coherent.
+FS_PROFILE=${HPC_ELASTIC_SLURM_FS_PROFILE:-coherent}
+
+# Ports, each inside the namespace of its daemon: slurmctld, slurmdbd, MariaDB (head), then one
+# per slurmd (its node).
 CTLD_PORT=$PORT_BASE
 DBD_PORT=$((PORT_BASE + 1))
 DB_PORT=$((PORT_BASE + 2))
@@ -29,9 +33,27 @@ export SLURM_CONF="$STATE/etc/slurm.conf"
 # Never let a client pick up a job's or a user's Slurm settings from the environment.
 unset SLURM_JOB_ID SLURM_JOBID SLURM_CLUSTERS SLURM_PARTITION SBATCH_PARTITION
 
+# Network namespaces, files and GlusterFS: tests/sharedfs/sharedfs.sh (S = our state dir).
+# shellcheck source=../sharedfs/sharedfs.sh
+. "$HERE/../sharedfs/sharedfs.sh"
+S=$STATE
+HEAD=head                   # namespace of slurmctld, slurmdbd, MariaDB, the login mounts
+HEAD_ADDR=$SFS_NET.1
+SHARED="$STATE/shared"      # $SHARED/<profile>: the volume, same path on every node and here
+# Slurm client wrappers (bin/sbatch ...): from the machine's own network namespace they run
+# the real command in the head's, elsewhere (in a job on a node) the real one directly.
+[ -d "$STATE/bin" ] && PATH="$STATE/bin:$PATH"
+
 node_name() { echo "${NODE_PREFIX}$1"; }               # 1 -> n1
-node_addr() { echo "127.0.0.$((10 + $1))"; }           # 1 -> 127.0.0.11
+node_octet() { echo $((10 + $1)); }                    # 1 -> 11
+node_addr() { echo "$SFS_NET.$(node_octet "$1")"; }    # 1 -> 10.199.0.11
 node_port() { echo $((FIRST_SLURMD_PORT + $1 - 1)); }  # 1 -> first slurmd port
+# in_ns NAME CMD...: CMD in namespace NAME's network and mount namespaces
+in_ns() {
+    local n=$1
+    shift
+    nsenter --net="$(sfs_net "$n")" --mount="$(sfs_mnt "$n")" -- "$@"
+}
 
 log() { printf 'slurm-cluster: %s\n' "$*" >&2; }
 die() {

@@ -18,8 +18,10 @@ the cluster at session end: faster reruns while developing). See tests/slurm_clu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +34,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 START = HERE / "start.sh"
+SHAREDFS = HERE.parent / "sharedfs" / "sharedfs.sh"
 STOP = HERE / "stop.sh"
 DEFAULT_STATE_DIR = "/tmp/hpc_elastic_slurm"
 
@@ -86,8 +89,8 @@ class SlurmCluster:
         env: environment for Slurm commands (``subprocess.run([...], env=cluster.env)``):
             the current environment without SLURM_*/SBATCH_*/... job variables, plus SLURM_CONF
             and HPC_ELASTIC_SLURM_* (see cluster.env).
-        nodes: node names, e.g. ``["n1", "n2", "n3", "n4"]``; each resolves (via /etc/hosts)
-            to its own 127.0.0.x address (``node_addrs``).
+        nodes: node names, e.g. ``["n1", "n2", "n3", "n4"]``; each is its own network and
+            mount namespace with its own address on a private bridge (``node_addrs``).
         partition: the (default) partition containing all nodes.
         cluster_name: Slurm ClusterName.
         cpus_per_node: CPUs each node declares (more than the machine has).
@@ -95,6 +98,8 @@ class SlurmCluster:
         accounting_mode: "slurmdbd", "none" (fallback: no sacct) or "broken".
         started_here: whether this pytest session started the cluster.
         start_seconds: wall time start.sh took in this session.
+        shared: the volumes' mount points live below it (``shared_dir(profile)``).
+        fs_profile: the session's default volume: "cached" (Gluster defaults) or "coherent".
     """
 
     state_dir: Path
@@ -106,6 +111,8 @@ class SlurmCluster:
     cluster_name: str
     cpus_per_node: int
     accounting_mode: str
+    shared: Path = Path("/nonexistent")
+    fs_profile: str = "cached"
     started_here: bool = False
     start_seconds: float = 0.0
     start_output: str = field(default="", repr=False)
@@ -232,49 +239,116 @@ class SlurmCluster:
             return None
         return pid if b"slurmd" in cmdline else None
 
+    # -- nodes as namespaces ------------------------------------------------------------------
+    def netns(self, node: str) -> Path:
+        """The file of ``node``'s network namespace (``head`` for slurmctld's)."""
+        return self.state_dir / "ns" / f"{node}.net"
+
+    def mntns(self, node: str) -> Path:
+        return self.state_dir / "ns" / f"{node}.mnt"
+
     def node_processes(self, node: str) -> list[int]:
-        """PIDs that "run on" ``node``: its slurmstepd processes (found by the node's slurmd log
-        file they keep open -- slurmstepd clears its environment) and every job process whose
-        environment says SLURMD_NODENAME=node in this cluster. Not the slurmd itself."""
-        log_file = str(self.log_dir / f"slurmd-{node}.log")
-        want_env = {f"SLURMD_NODENAME={node}".encode(), f"SLURM_CONF={self.slurm_conf}".encode()}
+        """Every process "on" ``node``: in its network namespace (slurmd, slurmstepd, the
+        job's processes, its filesystem clients). Exact: the namespace is the node."""
+        try:
+            want = f"net:[{os.stat(self.netns(node)).st_ino}]"
+        except OSError:
+            return []
         found = []
         for proc_dir in Path("/proc").iterdir():
-            if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():
+            if not proc_dir.name.isdigit():
                 continue
             try:
-                cmdline = (proc_dir / "cmdline").read_bytes()
-                if cmdline.startswith(b"slurmstepd"):
-                    fds = proc_dir / "fd"
-                    if any(os.readlink(fd) == log_file for fd in fds.iterdir()):
-                        found.append(int(proc_dir.name))
+                if os.readlink(proc_dir / "ns" / "net") != want:
                     continue
-                environ = set((proc_dir / "environ").read_bytes().split(b"\0"))
-            except OSError:  # gone, or not ours to read
+                if (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            except (OSError, IndexError):
                 continue
-            if want_env <= environ:
-                found.append(int(proc_dir.name))
+            found.append(int(proc_dir.name))
         return sorted(found)
 
-    def kill_node(self, node: str, sig: int = signal.SIGKILL, processes: bool = True) -> list[int]:
-        """Simulate the loss of ``node``: send ``sig`` to its slurmd and, with ``processes``,
-        to everything running on it (:meth:`node_processes`), as a power cut would. slurmctld
-        notices after ~SlurmdTimeout (see README). Returns the PIDs signalled. Bring the node
-        back with :meth:`heal` (it returns to service by itself: ReturnToService=2)."""
-        pids = []
-        slurmd = self.slurmd_pid(node)
-        if slurmd is not None:
-            pids.append(slurmd)
-        if processes:
-            pids += self.node_processes(node)
+    def on_node(self, node: str, args: Sequence[str | os.PathLike[str]], **kw):
+        """Run ``args`` on ``node`` (its network, mount and UTS namespaces), like ``run``."""
+        ns = self.state_dir / "ns" / node
+        cmd = ["nsenter", f"--net={ns}.net", f"--mount={ns}.mnt", f"--uts={ns}.uts", "--"]
+        return self.run([*cmd, *map(str, args)], **kw)
+
+    def shared_dir(self, profile: str | None = None) -> Path:
+        """Where volume ``profile`` (default: this session's) is mounted -- the same path on
+        every node and for this process."""
+        return self.shared / (profile or self.fs_profile)
+
+    def fs_client_pid(self, node: str, profile: str | None = None) -> int | None:
+        """PID of ``node``'s FUSE client of ``profile``, if alive."""
+        pidfile = self.state_dir / "pids" / f"client-{node}-{profile or self.fs_profile}.pid"
+        try:
+            pid = int(pidfile.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    # -- fault tools (each undone by heal(); measured times in README.md) ---------------------
+    def _signal_node(self, node: str, sig: int) -> list[int]:
+        pids = self.node_processes(node)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         return pids
 
-    def heal(self, timeout: float = 120) -> None:
-        """Run start.sh again: restart every dead daemon (e.g. a killed slurmd), resume DOWN
-        or DRAINED nodes, wait until all nodes are up."""
+    def kill_node(self, node: str, sig: int = signal.SIGKILL, processes: bool = True) -> list[int]:
+        """Send ``sig`` to ``node``'s slurmd and, with ``processes``, to every process in the
+        node (:meth:`node_processes`). Returns the PIDs signalled. :meth:`heal` restarts it."""
+        if processes:
+            return self._signal_node(node, sig)
+        slurmd = self.slurmd_pid(node)
+        if slurmd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slurmd, sig)
+        return [slurmd] if slurmd is not None else []
+
+    def power_cut(self, node: str) -> list[int]:
+        """A power cut: SIGKILL everything in ``node`` -- slurmd, slurmstepd, the job's
+        processes, its filesystem clients. slurmctld notices after ~SlurmdTimeout."""
+        return self._signal_node(node, signal.SIGKILL)
+
+    def freeze(self, node: str) -> list[int]:
+        """SIGSTOP everything in ``node`` (a hung machine); :meth:`thaw` continues it."""
+        return self._signal_node(node, signal.SIGSTOP)
+
+    def thaw(self, node: str) -> list[int]:
+        return self._signal_node(node, signal.SIGCONT)
+
+    def _sharedfs(self, *args: str) -> None:
+        self.run(["bash", str(SHAREDFS), *args[:1], str(self.state_dir), *args[1:]])
+
+    def partition_node(self, node: str) -> None:
+        """Silently drop every packet to and from ``node`` (its bridge port disabled): no
+        error, no reset -- as when a switch port or cable dies. :meth:`reconnect_node` heals."""
+        self._sharedfs("partition", node)
+
+    def reconnect_node(self, node: str) -> None:
+        """Undo :meth:`partition_node`."""
+        self._sharedfs("heal", node)
+
+    def slow_link(self, node: str, rate: str) -> None:
+        """Token-bucket ``node``'s link both ways to ``rate`` (e.g. ``"1mbit"``), or ``"off"``.
+        (Delay/loss emulation -- netem -- is not in this kernel.)"""
+        self._sharedfs("slow", node, rate)
+
+    def kill_fs_client(self, node: str, profile: str | None = None) -> int | None:
+        """SIGKILL ``node``'s FUSE client of ``profile``: on that node the volume then
+        answers ENOTCONN ("Transport endpoint is not connected") until :meth:`heal`."""
+        pid = self.fs_client_pid(node, profile)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def heal(self, timeout: float = 180) -> None:
+        """Run start.sh again: undo every fault tool (reconnect, unslow, thaw), remount dead
+        filesystem clients, restart every dead daemon (a power-cut node's slurmd), resume
+        DOWN or DRAINED nodes, wait until all nodes are up."""
         proc = subprocess.run(
             ["bash", str(START)],
             env=_start_env(),
@@ -323,6 +397,8 @@ def _load(started_here: bool, seconds: float, output: str) -> SlurmCluster:
         if line.startswith("export "):
             key, _, value = line[len("export ") :].partition("=")
             extra[key] = value
+    # PATH=<state>/bin:$PATH: the Slurm client wrappers first
+    extra["PATH"] = extra.get("PATH", "$PATH").replace("$PATH", _clean_env()["PATH"])
     return SlurmCluster(
         state_dir=Path(info["state_dir"]),
         slurm_conf=Path(info["slurm_conf"]),
@@ -333,6 +409,8 @@ def _load(started_here: bool, seconds: float, output: str) -> SlurmCluster:
         cluster_name=info["cluster"],
         cpus_per_node=int(info["cpus_per_node"]),
         accounting_mode=info["accounting"],
+        shared=Path(info["shared"]),
+        fs_profile=info["fs_profile"],
         started_here=started_here,
         start_seconds=seconds,
         start_output=output,
@@ -446,3 +524,28 @@ def _slurm_marker_needs_cluster(request: pytest.FixtureRequest) -> None:
     # (sharedfs tests are marked slurm too, for -m "not slurm", but need no Slurm)
     if node.get_closest_marker("slurm") is not None and node.get_closest_marker("sharedfs") is None:
         request.getfixturevalue("slurm_cluster")
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pytest's ``tmp_path``, except for tests marked ``slurm``: theirs is a fresh directory
+    on the cluster's shared volume (``@pytest.mark.fs_profile("coherent")`` picks the other
+    one), at the same path on every node -- job directories, rendezvous directories, sbatch
+    output files then live where a real cluster keeps them."""
+    name = re.sub(r"\W", "_", request.node.name)[:40]
+    node = request.node
+    if node.get_closest_marker("slurm") is None or node.get_closest_marker("sharedfs") is not None:
+        return tmp_path_factory.mktemp(name, numbered=True)
+    cluster: SlurmCluster = request.getfixturevalue("slurm_cluster")
+    marker = node.get_closest_marker("fs_profile")
+    base = cluster.shared_dir(marker.args[0] if marker else None) / "tests" / _SESSION
+    base.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        path = base / f"{name}{n}"
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+            return path
+    raise AssertionError("unreachable")
+
+
+_SESSION = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

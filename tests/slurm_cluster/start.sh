@@ -3,12 +3,18 @@
 #
 #   tests/slurm_cluster/start.sh        # then: source $HPC_ELASTIC_SLURM_DIR/cluster.env
 #
-# One slurmctld, NNODES slurmd (`slurmd -N nX` on 127.0.0.(10+X)), a private munged, and for
-# accounting a private MariaDB + slurmdbd -- all on loopback, all state, spool, logs and PID
-# files under $STATE (default /tmp/hpc_elastic_slurm). Returns when every node is up in sinfo.
+# NNODES nodes (n1...), each in network, mount and UTS namespaces of its own: its own address
+# and host name on a private bridge, its own GlusterFS FUSE client of the shared volumes at
+# $STATE/shared/<profile> (the same path on every node), its slurmd. A "head" namespace on the
+# same bridge runs slurmctld, slurmdbd and MariaDB; the file server (glusterd) has its own
+# ("fs"); the machine itself gets a login client of each volume at the same path, its FUSE
+# process in the head's network. munged runs in the machine's namespaces (a unix socket,
+# reachable from all). Nothing has a link to the machine's own network (README.md: why). All state, logs and PID files live under $STATE
+# (default /tmp/hpc_elastic_slurm). Returns when every node is up in sinfo.
 #
-# Idempotent: with the cluster running and its configuration unchanged it only restarts what
-# died (e.g. a slurmd a node-loss test killed) and resumes DOWN/DRAINED nodes. If the
+# Idempotent: with the cluster running and its configuration unchanged it heals: undoes the
+# fault tools (partition, slowed link, frozen node), remounts dead filesystem clients,
+# restarts what died (a power-cut node's slurmd) and resumes DOWN/DRAINED nodes. If the
 # configuration changed (other node count, ports, template) the cluster is restarted.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,40 +24,101 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 t_start=$(now)
 
 # --- 0. programs ------------------------------------------------------------------------------
-for prog in slurmctld slurmd slurmstepd sbatch scontrol sinfo munged flock setsid; do
+for prog in slurmctld slurmd slurmstepd sbatch scontrol sinfo munged flock setsid nsenter unshare \
+    ip bridge tc glusterd gluster glusterfs mountpoint; do
     if ! command -v "$prog" >/dev/null; then
         log "$prog is missing; running install-deps.sh"
         bash "$HERE/install-deps.sh" >&2
         break
     fi
 done
-[ "$(id -u)" -eq 0 ] || die "must run as root (daemons, /etc/hosts); we are $(id -un)"
+# settings, checked before anything is touched
+[[ $NNODES =~ ^[0-9]+$ ]] && ((NNODES >= 1 && NNODES <= 80)) ||
+    die "HPC_ELASTIC_SLURM_NODES=$NNODES: use 1..80 nodes"
+[[ $CPUS_PER_NODE =~ ^[0-9]+$ ]] || die "HPC_ELASTIC_SLURM_CPUS=$CPUS_PER_NODE: a number of CPUs"
+[[ $PORT_BASE =~ ^[0-9]+$ ]] || die "HPC_ELASTIC_SLURM_PORT_BASE=$PORT_BASE: a port number"
+case " $SFS_PROFILES " in
+    *" $FS_PROFILE "*) ;;
+    *) die "HPC_ELASTIC_SLURM_FS_PROFILE=$FS_PROFILE: use one of: $SFS_PROFILES" ;;
+esac
+case $PROCTRACK in
+    auto | cgroup | linuxproc | pgid) ;;
+    *) die "HPC_ELASTIC_SLURM_PROCTRACK=$PROCTRACK: use auto, cgroup, linuxproc or pgid" ;;
+esac
+[ "$(id -u)" -eq 0 ] || die "must run as root (daemons, namespaces, FUSE mounts); we are $(id -un)"
 
 take_lock
 mkdir -p "$STATE"/{etc,pids,run,log,ctld,spool,munge}
 chmod 700 "$STATE/munge"
 
-# --- 1. names: every node resolves through /etc/hosts to its own loopback address ------------
-# Checked with grep, not getent: a name missing from /etc/hosts would go on to DNS.
-HOSTS_MARK="# hpc_elastic slurm test cluster"
+# --- 1. network, file server, namespaces ------------------------------------------------------
+# Names resolve through a private hosts file, bound over /etc/hosts in the head's and every
+# node's mount namespace; the machine's /etc/hosts is not touched (and the nodes' addresses
+# must never reach it: from the machine's own network they would be routed off the machine).
+sfs_init "$STATE"
+mkdir -p "$STATE/etc"
+{
+    printf '127.0.0.1 localhost\n%s %s %s\n' "$HEAD_ADDR" "$HEAD" "$(hostname -s)"
+    for ((i = 1; i <= NNODES; i++)); do printf '%s %s\n' "$(node_addr "$i")" "$(node_name "$i")"; done
+} >"$STATE/etc/hosts"
+HOSTS_BIND="mount --bind '$STATE/etc/hosts' /etc/hosts"
+t_fs=$(now)
+sfs_server
+sfs_node "$HEAD" 1 "$HOSTS_BIND"
+for ((i = 1; i <= NNODES; i++)); do
+    # its own host name too (UTS namespace): torch's gloo takes its address from it
+    sfs_node "$(node_name "$i")" "$(node_octet "$i")" "$HOSTS_BIND" "$(node_name "$i")"
+done
+IN_HEAD=(nsenter --net="$(sfs_net "$HEAD")" --mount="$(sfs_mnt "$HEAD")" --)
+
+# Undo the fault tools (fixture.py): a partitioned port forwards again, a slowed link is
+# fast again, a frozen node's processes continue.
 for ((i = 1; i <= NNODES; i++)); do
     name=$(node_name "$i")
-    addr=$(node_addr "$i")
-    if grep -Eq "^[[:space:]]*${addr//./\\.}[[:space:]]+([^#]*[[:space:]])?${name}([[:space:]]|#|$)" /etc/hosts; then
-        continue
-    fi
-    # The name must not already map to another address.
-    if awk -v n="$name" '!/^[[:space:]]*#/ { for (f = 2; f <= NF && $f !~ /^#/; f++) if ($f == n) found = 1 } END { exit !found }' /etc/hosts; then
-        die "/etc/hosts maps $name to another address than $addr; fix it by hand"
-    fi
-    [ -w /etc/hosts ] || die "cannot add '$addr $name' to /etc/hosts (not writable)"
-    # append in place (no rename: /etc/hosts may be a bind mount)
-    printf '%s %s %s\n' "$addr" "$name" "$HOSTS_MARK" >>/etc/hosts
-    log "added '$addr $name' to /etc/hosts"
+    sfs_heal "$name"
+    sfs_slow "$name" off
+    sfs_kill_in "$name" CONT >/dev/null
 done
+
+# The volumes: the login clients (for the machine: pytest, sbatch's output files) and one
+# client per node and volume; a dead client (killed, or its node power-cut) is replaced.
+for v in $SFS_PROFILES; do
+    sfs_mount "$HEAD" "$v" "$SHARED/$v" host || die "the login client of volume $v did not mount"
+done
+for ((i = 1; i <= NNODES; i++)); do
+    for v in $SFS_PROFILES; do
+        sfs_mount "$(node_name "$i")" "$v" "$SHARED/$v" ||
+            die "$(node_name "$i"): volume $v did not mount"
+    done
+done
+log "namespaces and file system ready in $(awk "BEGIN{printf \"%.2f\", $(now) - $t_fs}") s"
+
+# Slurm client wrappers: a command run in one of the cluster's own network namespaces (a job
+# on a node) is the real command; run anywhere else (pytest, a user's shell) it runs in the
+# head's network namespace, where slurmctld and slurmdbd are. Never the real command outside
+# our namespaces: from the machine's own network the cluster's addresses would be routed off
+# the machine. (Decided by the namespace files' inodes: /proc/1/ns may be unreadable.)
+mkdir -p "$STATE/bin"
+for prog in sbatch srun salloc squeue scontrol scancel sinfo sacct sacctmgr sdiag sstat sattach \
+    sprio sshare sreport strigger sbcast; do
+    real=$(PATH=/usr/bin:/bin:/usr/sbin:/sbin command -v "$prog") || continue
+    cat >"$STATE/bin/$prog.new" <<WRAPPER
+#!/bin/sh
+# $prog for the hpc_elastic test cluster (written by tests/slurm_cluster/start.sh)
+me=\$(readlink /proc/self/ns/net)
+for f in $STATE/ns/*.net; do
+    [ "net:[\$(stat -L -c %i "\$f" 2>/dev/null)]" = "\$me" ] && exec $real "\$@"
+done
+exec nsenter --net=$(sfs_net "$HEAD") -- $real "\$@"
+WRAPPER
+    chmod 755 "$STATE/bin/$prog.new"
+    mv -f "$STATE/bin/$prog.new" "$STATE/bin/$prog"
+done
+PATH="$STATE/bin:$PATH"
 
 # --- 2. configuration --------------------------------------------------------------------------
 CTLD_HOST=$(hostname -s)
+CTLD_ADDR=$HEAD_ADDR
 nodes_conf=""
 for ((i = 1; i <= NNODES; i++)); do
     nodes_conf+="NodeName=$(node_name "$i") NodeHostname=$(node_name "$i") NodeAddr=$(node_addr "$i") Port=$(node_port "$i") CPUs=$CPUS_PER_NODE RealMemory=4096 State=UNKNOWN"$'\n'
@@ -80,6 +147,7 @@ render() {
     text=${text//@CLUSTER@/$CLUSTER}
     text=${text//@PARTITION@/$PARTITION}
     text=${text//@CTLD_HOST@/$CTLD_HOST}
+    text=${text//@CTLD_ADDR@/$CTLD_ADDR}
     text=${text//@CTLD_PORT@/$CTLD_PORT}
     text=${text//@DBD_PORT@/$DBD_PORT}
     text=${text//@DB_PORT@/$DB_PORT}
@@ -116,7 +184,7 @@ esac
 make_conf() {
     if [ "$use_acct" = 1 ]; then
         acct_conf="AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$HEAD_ADDR
 AccountingStoragePort=$DBD_PORT
 # Not a password: with slurmdbd this names the MUNGE socket for talking to slurmdbd. Left
 # out, clients (sacct, sacctmgr, slurmctld) use the system socket instead of AuthInfo's.
@@ -138,6 +206,8 @@ old_fingerprint=$(cat "$STATE/etc/fingerprint" 2>/dev/null || true)
 if alive slurmctld && [ "$fingerprint" != "$old_fingerprint" ]; then
     log "configuration changed: restarting the cluster"
     bash "$HERE/stop.sh"
+    # from the top (namespaces and mounts are gone too); we keep the lock (fd 9)
+    exec bash "${BASH_SOURCE[0]}"
 fi
 mkdir -p "$STATE"/{etc,pids,run,log,ctld,spool,munge}
 
@@ -203,8 +273,6 @@ show_log() {
     return 0
 }
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
 # --- 3. munge: private key and socket ----------------------------------------------------------
 MUNGE_SOCKET="$STATE/munge/munge.socket"
 if [ ! -s "$STATE/munge/munge.key" ]; then
@@ -239,10 +307,9 @@ start_accounting() {
                 { show_log "$STATE/log/mariadb-install.log"; return 1; }
             log "MariaDB data directory created in $(awk "BEGIN{printf \"%.1f\", $(now) - $t}") s"
         fi
-        port_busy "$DB_PORT" && { log "port $DB_PORT (MariaDB) is taken by someone else"; return 1; }
         rm -f "$DB_SOCKET"
         # Small and unsafe-but-fast settings: a throwaway test database.
-        launch mariadbd mariadbd --no-defaults --user=root --datadir="$DB/data" \
+        launch mariadbd "${IN_HEAD[@]}" mariadbd --no-defaults --user=root --datadir="$DB/data" \
             --socket="$DB_SOCKET" --pid-file="$STATE/run/mariadbd.pid" \
             --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve \
             --log-error="$STATE/log/mariadb.log" --skip-log-bin \
@@ -254,10 +321,9 @@ start_accounting() {
                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || return 1
     fi
     if ! alive slurmdbd; then
-        port_busy "$DBD_PORT" && { log "port $DBD_PORT (slurmdbd) is taken by someone else"; return 1; }
         # The first start creates the tables (a few seconds).
         # (slurmdbd has no -f: it reads slurmdbd.conf next to $SLURM_CONF)
-        launch slurmdbd slurmdbd -D
+        launch slurmdbd "${IN_HEAD[@]}" slurmdbd -D
         wait_until 60 slurmdbd sacctmgr -n show cluster ||
             { show_log "$STATE/log/slurmdbd.log" "$STATE/log/slurmdbd.out"; return 1; }
     fi
@@ -322,10 +388,7 @@ if [ "$fresh" = 1 ]; then
     printf '%s\nFirstJobId=%s\n' "$new_conf" "$first_id" >"$STATE/etc/slurm.conf"
     echo "$fingerprint" >"$STATE/etc/fingerprint"
 
-    for port in "$CTLD_PORT" $(for ((i = 1; i <= NNODES; i++)); do node_port "$i"; done); do
-        port_busy "$port" && die "port $port is taken by another program (set HPC_ELASTIC_SLURM_PORT_BASE)"
-    done
-    launch slurmctld slurmctld -D -f "$STATE/etc/slurm.conf"
+    launch slurmctld "${IN_HEAD[@]}" slurmctld -D -f "$STATE/etc/slurm.conf"
     wait_until 30 slurmctld scontrol ping ||
         { show_log "$STATE/log/slurmctld.log" "$STATE/log/slurmctld.out"; die "slurmctld did not start"; }
 fi
@@ -335,7 +398,10 @@ for ((i = 1; i <= NNODES; i++)); do
     name=$(node_name "$i")
     alive "slurmd-$name" && continue
     mkdir -p "$STATE/spool/$name"
-    launch "slurmd-$name" slurmd -D -N "$name" -f "$STATE/etc/slurm.conf"
+    # (nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no cgroups)
+    launch "slurmd-$name" nsenter --net="$(sfs_net "$name")" --mount="$(sfs_mnt "$name")" \
+        --uts="$(sfs_uts "$name")" -- \
+        slurmd -D -N "$name" -f "$STATE/etc/slurm.conf"
 done
 
 # --- 7. wait until every node is up ------------------------------------------------------------
@@ -372,6 +438,9 @@ nodes_csv=$(for ((i = 1; i <= NNODES; i++)); do node_name "$i"; done | paste -sd
 cat >"$STATE/cluster.env" <<EOF
 # source this file to use the hpc_elastic test cluster
 export SLURM_CONF=$STATE/etc/slurm.conf
+export PATH=$STATE/bin:\$PATH
+export HPC_ELASTIC_SLURM_SHARED=$SHARED
+export HPC_ELASTIC_SLURM_FS_PROFILE=$FS_PROFILE
 export HPC_ELASTIC_SLURM_DIR=$STATE
 export HPC_ELASTIC_SLURM_CLUSTER=$CLUSTER
 export HPC_ELASTIC_SLURM_PARTITION=$PARTITION
@@ -387,6 +456,10 @@ cat >"$STATE/cluster.json" <<EOF
   "nodes": [$(for ((i = 1; i <= NNODES; i++)); do printf '%s"%s"' "$([ "$i" -gt 1 ] && echo ', ')" "$(node_name "$i")"; done)],
   "node_addrs": {$(for ((i = 1; i <= NNODES; i++)); do printf '%s"%s": "%s"' "$([ "$i" -gt 1 ] && echo ', ')" "$(node_name "$i")" "$(node_addr "$i")"; done)},
   "cpus_per_node": $CPUS_PER_NODE,
+  "shared": "$SHARED",
+  "fs_profile": "$FS_PROFILE",
+  "fs_profiles": [$(for v in $SFS_PROFILES; do printf '"%s" ' "$v"; done | sed 's/" "/", "/g; s/ $//')],
+  "head": "$HEAD",
   "accounting": "$acct_state",
   "ports": {"slurmctld": $CTLD_PORT, "slurmdbd": $DBD_PORT, "mariadb": $DB_PORT, "first_slurmd": $FIRST_SLURMD_PORT}
 }
