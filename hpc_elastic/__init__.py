@@ -48,6 +48,16 @@ def submit(config: Any, local: bool | None = None, **options: Any) -> Job:
     return _submit(config, local, **options)
 
 
+def report_progress(step: int | None = None) -> None:
+    """Tell this rank's agent it made progress (optional: optimizer steps count by themselves).
+
+    See :func:`hpc_elastic.worker.beat.report_progress`; a no-op outside an hpc_elastic worker.
+    """
+    from hpc_elastic.worker.beat import report_progress as _report
+
+    _report(step)
+
+
 class _Package(types.ModuleType):
     """Keeps :func:`submit` the package's ``submit``: importing a submodule sets the parent's
     attribute of that name, and ``hpc_elastic/submit.py`` is a module of the same name (it is
@@ -76,4 +86,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'hpc_elastic' has no attribute {name!r}")
 
 
-__all__ = [*_API, "ConfigError", "JobConfig", "__version__", "submit"]
+__all__ = [*_API, "ConfigError", "JobConfig", "__version__", "report_progress", "submit"]

@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A job configuration problem, worded for the person who wrote the file."""
 
 
+#: The shortest ``hang_timeout``: workers write their progress once a second.
+MIN_HANG_TIMEOUT = 3.0
+
+
 # --------------------------------------------------------------------------------------------
 # The schema. Every optional key has a default; docs/configuration.md documents each one.
 # --------------------------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class JobConfig:
     #: node's place in the very next round (Slurm jobs; see hpc_elastic/batch.py).
     spares: int = 0
     monitor_interval: float = 0.5
+    hang_timeout: float | None = 300.0
     job_root: str = "./jobs"
     #: False: everything under the job directory is private (0700/0600). True: the job
     #: directory's group may read it (0750/0640); see docs/security.md.
@@ -374,6 +379,7 @@ def _build(data: dict[str, Any], source: _Source, base_dir: Path | None) -> JobC
     _check_ranges(config, source)
     _check_entrypoint(config, source, base_dir)
     _check_signal(config, source)
+    _check_hang_timeout(config, source)
     if base_dir is not None:
         config.job_root = str((base_dir / config.job_root).resolve())
         if config.rendezvous.directory:
@@ -600,6 +606,21 @@ def _check_entrypoint(config: JobConfig, source: _Source, base_dir: Path | None)
                 "directory. Fix: correct the path."
             )
         ep.script = str(script)
+
+
+def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
+    """``hang_timeout``: seconds without progress; 0 or null switch hang detection off."""
+    value = config.hang_timeout
+    if value is None or value == 0:
+        config.hang_timeout = None
+        return
+    if not value >= MIN_HANG_TIMEOUT:  # also catches nan
+        raise ConfigError(
+            f"{source.where('hang_timeout')}: key 'hang_timeout' ({value:g} s) is too short: "
+            f"workers report progress once a second, so anything under {MIN_HANG_TIMEOUT:g} s "
+            "would call a healthy rank hung. Fix: use seconds longer than your slowest step or "
+            "checkpoint (the default is 300), or 0 to switch hang detection off."
+        )
 
 
 def _check_signal(config: JobConfig, source: _Source) -> None:

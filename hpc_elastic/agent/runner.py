@@ -29,6 +29,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 from hpc_elastic import slurm
 from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import set_aside_unreadable
+from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.config import JobConfig, load_config
@@ -54,19 +55,27 @@ class ObservedAgent(LocalElasticAgent):
     """
 
     def __init__(self, *args: object, record: Callable[..., None],
-                 preemption: Preemption | None = None, **kwargs: object) -> None:
+                 preemption: Preemption | None = None, hangs: HangWatch | None = None,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._record = record
         self.preemption = preemption
+        self.hangs = hangs
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         """Start workers with the preemption signal ignored until they install a handler (see
-        ``Preemption.ignored_while``); workers started after the signal get it forwarded."""
+        ``Preemption.ignored_while``); workers started after the signal get it forwarded. The
+        hang watch starts watching the new group."""
         if self.preemption is None:
-            return super()._start_workers(worker_group)
-        with self.preemption.ignored_while():
             started = super()._start_workers(worker_group)
-        self.preemption.forward_again()
+        else:
+            with self.preemption.ignored_while():
+                started = super()._start_workers(worker_group)
+            self.preemption.forward_again()
+        if self.hangs is not None:
+            for worker in worker_group.workers:  # torch sets the ids after this returns
+                worker.id = started.get(worker.local_rank, worker.id)
+            self.hangs.watch(worker_group, getattr(self._logs_specs, "folders", {}))
         return started
 
     def _exit_barrier(self) -> None:
@@ -88,6 +97,13 @@ class ObservedAgent(LocalElasticAgent):
             if not set_aside_unreadable(self._pcontext, self._record):
                 raise
             result = super()._monitor_workers(worker_group)
+        if (result.state == WorkerState.HEALTHY and self.hangs is not None
+                and not self._stopping()):
+            hung = self.hangs.check()
+            if hung is not None:
+                # worker.hung / hang.dumped are recorded; the restart is torch's, as for any
+                # failure (the failures name the dump files).
+                return hung
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             restart = worker_group.spec.max_restarts - self._remaining_restarts
             for rank, failure in sorted(result.failures.items()):
@@ -207,7 +223,9 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         local_world_size=config.nproc_per_node,
         rdzv_handler=handler,
         entrypoint=sys.executable,
-        args=("-u", *config.entrypoint.command()),
+        # Through hpc_elastic.worker: it installs the progress reporter the hang watch reads,
+        # then runs the script exactly as `python SCRIPT` would (docs/architecture.md).
+        args=("-u", "-m", "hpc_elastic.worker", *config.entrypoint.command()),
         max_restarts=config.max_restarts,
         monitor_interval=config.monitor_interval,
         local_addr=ident.address,
@@ -226,10 +244,12 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
     # A member job (grow, array task) does not own the run: its end shrinks the run, and only
     # the lead requeues it (hpc_elastic/members.py).
     handles_preemption = config.preemption.requeue and not ident.is_member
+    hangs = (HangWatch(jobdir, ident.node, config.hang_timeout, events.record)
+             if config.hang_timeout else None)
     agent = ObservedAgent(
         spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
         log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
-        preemption=preemption if handles_preemption else None,
+        preemption=preemption if handles_preemption else None, hangs=hangs,
     )
     if handles_preemption:
         preemption.install()

@@ -46,6 +46,8 @@ class JobDirLogsSpecs(LogsSpecs):
         attempt_dir = jobdir.worker_logs(node, attempt, 0, 0).parent.parent
         self._group_starts = (len(list(attempt_dir.glob("restart-*")))
                               if attempt_dir.is_dir() else 0)
+        #: local rank -> folder of the group started last (the hang watch reads them).
+        self.folders: dict[int, Path] = {}
 
     @property
     def root_log_dir(self) -> str:
@@ -58,6 +60,7 @@ class JobDirLogsSpecs(LogsSpecs):
         restart = self._group_starts
         self._group_starts += 1
         dest = LogsDest()
+        self.folders = {}
         for local_rank, env in envs.items():
             rank = int(env.get("RANK", str(local_rank)))
             folder = self._make_folder(
@@ -71,6 +74,7 @@ class JobDirLogsSpecs(LogsSpecs):
             dest.error_files[local_rank] = str(folder / "error.json")
             env["TORCHELASTIC_ERROR_FILE"] = dest.error_files[local_rank]
             env[ENV_WORKER_DIR] = str(folder)  # worker metrics go next to its logs
+            self.folders[local_rank] = folder
         return dest
 
     def _make_folder(self, folder: Path) -> Path:

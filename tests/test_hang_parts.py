@@ -1,0 +1,155 @@
+"""The parts of hang detection on their own: the progress record, the worker's reporter (real
+worker processes through ``python -m hpc_elastic.worker``), the stack dumps, the config key."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_elastic.agent import stacks
+from hpc_elastic.config import ConfigError, load_config
+from hpc_elastic.worker import record
+from tests.polling import wait_for
+
+
+def test_record_round_trips_and_rejects_garbage(tmp_path: Path) -> None:
+    p = record.Progress(n=7, step=42, time=1.5, pid=99, signal=40, step_time=0.0101, ended=True)
+    data = record.encode(p)
+    assert len(data) == record.RECORD_SIZE
+    assert record.decode(data) == record.Progress(7, 42, 1.5, 99, 40, 0.0101, True)
+    for bad in (b"", b"{", b'{"n": "7", "pid": 1, "sig": 0}', b"\xff\xfe", b"[1, 2]"):
+        assert record.decode(bad) is None
+    path = tmp_path / "progress"
+    path.write_bytes(data)
+    assert record.read(path) == record.decode(data)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    assert record.read(link) is None, "a link in the shared directory is not followed"
+    assert record.read(tmp_path / "missing") is None
+
+
+def run_worker(tmp_path: Path, body: str, **env: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_elastic.worker", str(script), "a1", "--b"],
+        env={**os.environ, "HPC_ELASTIC_WORKER_DIR": str(tmp_path), **env},
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_worker_counts_optimizer_steps_without_changing_the_script(tmp_path: Path) -> None:
+    done = run_worker(tmp_path, """
+        import sys, time, torch
+        assert __name__ == "__main__" and sys.argv[1:] == ["a1", "--b"], sys.argv
+        assert sys.path[0] == __file__.rsplit("/", 1)[0]
+        time.sleep(0.5)  # the reporter hooks torch.optim within 0.1 s of its import
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(5):
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+        time.sleep(1.5)
+        print(open("progress").read())
+        """, HPC_ELASTIC_PROGRESS_INTERVAL="0.2")
+    assert done.returncode == 0, done.stderr
+    during = record.decode(done.stdout.encode()[:record.RECORD_SIZE])
+    assert during is not None and during.n == 5 and not during.ended, done.stdout
+    after = record.read(tmp_path / "progress")
+    assert after is not None and after.n == 5 and after.ended and after.pid != os.getpid()
+
+
+def test_explicit_reports_replace_the_optimizer_count(tmp_path: Path) -> None:
+    done = run_worker(tmp_path, """
+        import time, torch, hpc_elastic
+        time.sleep(0.5)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            opt.step()
+            hpc_elastic.report_progress(100 + step)
+        """)
+    assert done.returncode == 0, done.stderr
+    after = record.read(tmp_path / "progress")
+    # the first optimizer step counts (before any explicit call), then only explicit ones
+    assert after is not None and after.n == 4 and after.step == 102, after
+
+
+def test_report_progress_is_a_no_op_outside_hpc_elastic(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HPC_ELASTIC_WORKER_DIR"}
+    code = "import hpc_elastic; hpc_elastic.report_progress(1)"
+    done = subprocess.run([sys.executable, "-c", code],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0 and not list(tmp_path.iterdir()), done.stderr
+
+
+@pytest.mark.parametrize("tool", ["faulthandler", "py-spy"])
+def test_stack_dump_of_a_deadlocked_worker(tmp_path: Path, tool: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if tool == "py-spy" and stacks.py_spy_path() is None:
+        pytest.skip("py-spy is not installed (optional extra 'hangs')")
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import threading
+        def wait_for_myself():
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()
+        wait_for_myself()
+        """))
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_elastic.worker", str(script)],
+                            env={**os.environ, "HPC_ELASTIC_WORKER_DIR": str(tmp_path)})
+    try:
+        progress = wait_for("the progress record", lambda: record.read(tmp_path / "progress"),
+                            60)
+        time.sleep(0.3)
+        monkeypatch.setenv(stacks.ENV_STACK_TOOL, tool)
+        text, how = stacks.dump_stack(proc.pid, tmp_path, progress.signal,
+                                      stacks.proc_sample(proc.pid).state)
+        assert how == tool and text is not None, how
+        assert "wait_for_myself" in text, text
+        out = tmp_path / "rank-0.txt"
+        stacks.write_dump(out, {"rank": 0, "state": "S"}, text, how)
+        assert out.read_text().startswith(stacks.HEADER)
+        with pytest.raises(FileExistsError):  # never overwritten
+            stacks.write_dump(out, {"rank": 0}, text, how)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_faulthandler_is_not_asked_of_a_stopped_process(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for("state T", lambda: stacks.proc_sample(proc.pid).state == "T", 10)
+        os.environ[stacks.ENV_STACK_TOOL] = "faulthandler"
+        try:
+            text, how = stacks.dump_stack(proc.pid, tmp_path, 40, "T")
+        finally:
+            del os.environ[stacks.ENV_STACK_TOOL]
+        assert text is None and "stopped" in how
+        assert proc.poll() is None, "no real-time signal was sent to a process without a handler"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_hang_timeout_key(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: a\nentrypoint: train.py\n")
+    assert load_config(job).hang_timeout == 300.0
+    assert load_config(job, ["hang_timeout=45"]).hang_timeout == 45.0
+    assert load_config(job, ["hang_timeout=0"]).hang_timeout is None
+    assert load_config(job, ["hang_timeout=null"]).hang_timeout is None
+    for bad in ("1", "-5", "soon"):
+        with pytest.raises(ConfigError) as info:
+            load_config(job, [f"hang_timeout={bad}"])
+        assert "'hang_timeout'" in str(info.value) and "Fix:" in str(info.value)
