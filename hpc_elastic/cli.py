@@ -375,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("summary", "outcome, time split, rendezvous rounds, restarts, failures"),
         ("timeline", "all nodes' events merged in time order"),
         ("failures", "each failure with its root cause and the failing rank's stderr"),
+        ("hangs", "hung ranks: the culprit and every rank's stack, identical stacks grouped"),
         ("metrics", "count, mean, p50, p95, max per metric"),
         ("plot", "a PNG timeline and metric curves (needs the 'plot' extra)"),
     ]:

@@ -104,6 +104,9 @@ class JobConfig:
     spares: int = 0
     monitor_interval: float = 0.5
     hang_timeout: float | None = 300.0
+    hang_startup_timeout: float | None = None
+    same_failure_limit: int = 3
+    stragglers: str = "report"
     job_root: str = "./jobs"
     #: False: everything under the job directory is private (0700/0600). True: the job
     #: directory's group may read it (0750/0640); see docs/security.md.
@@ -609,7 +612,27 @@ def _check_entrypoint(config: JobConfig, source: _Source, base_dir: Path | None)
 
 
 def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
-    """``hang_timeout``: seconds without progress; 0 or null switch hang detection off."""
+    """``hang_timeout``: seconds without progress; 0 or null switch hang detection off.
+    ``same_failure_limit``: 0 switches the restart-storm guard off."""
+    if config.same_failure_limit < 0:
+        raise ConfigError(
+            f"{source.where('same_failure_limit')}: key 'same_failure_limit' "
+            f"({config.same_failure_limit}) must not be negative. Fix: the number of identical "
+            "failures in a row after which restarts stop (default 3), or 0 to never stop early."
+        )
+    if config.stragglers not in ("off", "report", "exclude"):
+        raise ConfigError(
+            f"{source.where('stragglers')}: key 'stragglers' is {config.stragglers!r}. Fix: use "
+            "'report' (the default: flag slow nodes), 'exclude' (flag them; excluding them is "
+            "not available yet, so they are reported) or 'off'."
+        )
+    startup = config.hang_startup_timeout
+    if startup is not None and not startup >= MIN_HANG_TIMEOUT:
+        raise ConfigError(
+            f"{source.where('hang_startup_timeout')}: key 'hang_startup_timeout' ({startup:g} s) "
+            f"is too short. Fix: seconds longer than a restart takes to reach its first step "
+            "(start-up, checkpoint load), or leave it out (twice hang_timeout)."
+        )
     value = config.hang_timeout
     if value is None or value == 0:
         config.hang_timeout = None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpc_elastic.agent import stacks
+from hpc_elastic.agent.storm import StormGuard
 from hpc_elastic.config import ConfigError, load_config
 from hpc_elastic.worker import record
 from tests.polling import wait_for
@@ -153,3 +154,24 @@ def test_hang_timeout_key(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(job, [f"hang_timeout={bad}"])
         assert "'hang_timeout'" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_storm_and_straggler_keys(tmp_path: Path) -> None:
+    (tmp_path / "train.py").write_text("")
+    job = tmp_path / "job.yaml"
+    job.write_text("name: a\nentrypoint: train.py\n")
+    config = load_config(job)
+    assert (config.same_failure_limit, config.stragglers, config.hang_startup_timeout) == (
+        3, "report", None)
+    assert load_config(job, ["same_failure_limit=0", "stragglers=exclude"]).stragglers == "exclude"
+    for bad in ("same_failure_limit=-1", "stragglers=kick", "hang_startup_timeout=1"):
+        with pytest.raises(ConfigError) as info:
+            load_config(job, [bad])
+        assert f"'{bad.split('=')[0]}'" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_storm_guard_counts_identical_failures_in_a_row() -> None:
+    guard = StormGuard(3)
+    assert [guard.observe(s) for s in ("a", "a", "b", "b", "b")] == [
+        False, False, False, False, True]
+    assert not any(StormGuard(0).observe("a") for _ in range(5)), "0 switches it off"

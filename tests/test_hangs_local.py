@@ -28,17 +28,20 @@ pytestmark = pytest.mark.slow
 HANG_TIMEOUT = 6.0
 
 
-def run_job(root: Path, fault: str, *extra: str, steps: int = 30,
-            timeout: float = 150) -> tuple[subprocess.CompletedProcess, JobDir]:
+def run_job(root: Path, fault: str, *extra: str, steps: int = 30, timeout: float = 150,
+            max_restarts: int = 2, sets: list[str] | None = None, nodes: int = 2
+            ) -> tuple[subprocess.CompletedProcess, JobDir]:
     """Submit the DDP script locally (2 nodes x 1 worker) and wait for the end."""
     job = root / "job.yaml"
     job.write_text(
-        "name: hang\nnodes: 2\nnproc_per_node: 1\n"
+        f"name: hang\nnodes: {nodes}\nnproc_per_node: 1\n"
         f"entrypoint: {SCRIPT} --steps {steps} --step-sleep 0.05 --fault {fault} "
         f"--fault-rank 1 --fault-step 8 {' '.join(extra)}\n"
-        f"max_restarts: 2\nhang_timeout: {HANG_TIMEOUT}\njob_root: {root / 'jobs'}\n"
+        f"max_restarts: {max_restarts}\nhang_timeout: {HANG_TIMEOUT}\njob_root: {root / 'jobs'}\n"
         "env:\n  OMP_NUM_THREADS: 1\nrendezvous:\n  last_call_timeout: 1\n")
     args = [sys.executable, "-m", "hpc_elastic", "submit", str(job), "--local"]
+    for item in sets or []:
+        args += ["--set", item]
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = launcher.communicate(timeout=timeout)
@@ -97,13 +100,39 @@ def check_hang_handled(result: subprocess.CompletedProcess, jobdir: JobDir,
     assert ranks[1]["state"] in culprit_state, ranks[1]
     # The restart came from the hang: one more group start on each node.
     assert len(events(jobdir, "workers.restart")) == 2
+
+    # The analysis names rank 1 on its node as the culprit, whichever node noticed first.
+    s = summary(jobdir)
+    assert s["status"] == "succeeded"
+    root = s["root_cause"]
+    assert root["kind"] == "hang" and root["rank"] == 1 and root["node"] == ranks[1]["node"], root
+    assert root["message"].startswith(f"hang: rank 1 (node {ranks[1]['node']}) "), root
+    assert "rank(s) 0 waited in backward" in root["message"], root
+    (hang,) = s["hangs"]
+    assert sorted(hang["dump_dirs"]) == [f"nodes/{n}/hangs/{hang['stamp']}"
+                                         for n in ("local0", "local1")]
+    text = logs(jobdir, "failures")
+    assert "HANG" in text and f"stacks: nodes/{ranks[1]['node']}/hangs/" in text, text
+    assert "/restart-0/rank-1/stderr.log" in text, "the culprit's own stderr"
+    text = logs(jobdir, "hangs")
+    assert f"hang {hang['stamp']}: rank 1 (node {ranks[1]['node']})" in text, text
+    assert text.count("main thread, innermost first") == 2, "two different stacks, two groups"
     return ranks[1]
+
+
+def logs(jobdir: JobDir, command: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "hpc_elastic", "logs", command,
+                          str(jobdir.path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def test_frozen_rank_sigstop_is_detected_dumped_and_restarted(tmp_path: Path) -> None:
     result, jobdir = run_job(tmp_path, "stop")
     culprit = check_hang_handled(result, jobdir, {"T"})
     assert "main (hang_helpers/train_ddp.py" in (jobdir.path / culprit["dump"]).read_text()
+    assert "was stopped (state T) in hang_helpers/train_ddp.py" in summary(jobdir)[
+        "root_cause"]["message"]
 
 
 def test_python_deadlock_is_detected_dumped_and_restarted(tmp_path: Path) -> None:
@@ -141,3 +170,59 @@ def test_long_legitimate_step_below_hang_timeout_is_not_a_hang(tmp_path: Path) -
     assert not events(jobdir, "worker.hung")
     assert not events(jobdir, "hang.dumped")
     assert not events(jobdir, "workers.restart")
+
+
+def test_restart_storm_same_exception_stops_after_the_limit(tmp_path: Path) -> None:
+    """The same ValueError at the same line on every start: with max_restarts 5 and
+    same_failure_limit 3 the job fails after the third failure, not the sixth."""
+    result, jobdir = run_job(tmp_path, "raise", "--every-start", max_restarts=5,
+                             sets=["same_failure_limit=3"])
+    assert result.returncode != 0
+    stopped = events(jobdir, "restarts.stopped")
+    assert stopped and all(e["repeats"] == 3 for e in stopped), stopped
+    assert any("ValueError at hang_helpers/train_ddp.py:" in e["cause"] for e in stopped), stopped
+    assert len(events(jobdir, "workers.restart")) == 2 * 2, "2 restarts on each node, then stop"
+    s = summary(jobdir)
+    assert s["status"] == "failed"
+    assert any("the same failure repeated 3 times: ValueError at hang_helpers/train_ddp.py:"
+               in r["reason"] for r in s["restarts_stopped"]), s["restarts_stopped"]
+    assert "restarts stopped on " in logs(jobdir, "summary")
+
+
+def test_restart_storm_same_hang_stops_after_the_limit(tmp_path: Path) -> None:
+    """The restarted group deadlocks again before its first step: judged from its start
+    (hang_startup_timeout), it is a hang too, the same one, and the second stops restarts."""
+    result, jobdir = run_job(tmp_path, "deadlock", "--every-start", max_restarts=5,
+                             sets=["same_failure_limit=2", "hang_startup_timeout=45"],
+                             timeout=240)
+    assert result.returncode != 0
+    assert len({e["stamp"] for e in events(jobdir, "hang.dumped")}) == 2
+    assert any(e["before_first_step"] for e in events(jobdir, "worker.hung"))
+    stopped = events(jobdir, "restarts.stopped")
+    assert stopped and all(e["cause"].startswith("hang: ") for e in stopped), stopped
+    assert any("hang_helpers/train_ddp.py" in e["cause"] and "(deadlock)" in e["cause"]
+               for e in stopped), stopped
+
+
+def test_straggler_node_is_flagged_and_a_healthy_run_is_not(tmp_path: Path) -> None:
+    """3 nodes x 1 rank burn CPU every step; rank 1 burns twice as much. Wall step times are
+    equal (DDP waits for the slowest); busy times are not: rank 1's node flags itself, the
+    others never do. Windows of 2 s (HPC_ELASTIC_STEP_WINDOW) keep the test short."""
+    result, jobdir = run_job(
+        tmp_path, "slow", "--work-s 0.02 --slow-factor 2.0", steps=400, nodes=3,
+        sets=["env.HPC_ELASTIC_STEP_WINDOW=2", "stragglers=exclude"], timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    flags = events(jobdir, "node.straggler")
+    started = {e["rank"]: e["node"] for e in events(jobdir, "worker.started")}
+    assert flags and {e["node"] for e in flags} == {started[1]}, flags
+    first = flags[0]
+    assert first["ratio"] >= 1.5 and first["windows"] <= 3, first
+    assert first["policy"] == "exclude" and "not available" in first["action"]
+    s = summary(jobdir)
+    (straggler,) = s["stragglers"]
+    assert straggler["node"] == started[1] and straggler["ranks"] == [1], straggler
+    assert f"straggler: node {started[1]}" in logs(jobdir, "summary")
+    metrics = [m for n in jobdir.node_names() for m in read_jsonl(
+        jobdir.worker_logs(n, 0, 0, next(r for r, nn in started.items() if nn == n))
+        / "metrics.jsonl")]
+    assert {m["name"] for m in metrics} >= {"step_time_s", "step_busy_s"}

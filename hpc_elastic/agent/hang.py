@@ -60,6 +60,7 @@ class _Rank:
     changed: float = 0.0  # monotonic time the count last moved (or the watch began)
     cpu_at_change: float | None = None
     armed: bool = False
+    startup: bool = False  # judged before its first step (startup_timeout)
     last: record.Progress | None = None
 
 
@@ -77,10 +78,17 @@ class HangWatch:
     """One agent's watch over its current worker group (see the module docstring)."""
 
     def __init__(self, jobdir: JobDir, node: str, timeout: float,
-                 record_event: Callable[..., None], ack_wait: float = ACK_WAIT_S) -> None:
+                 record_event: Callable[..., None], ack_wait: float = ACK_WAIT_S,
+                 startup_timeout: float | None = None) -> None:
         self.jobdir = jobdir
         self.node = node
         self.timeout = timeout
+        self.startup_timeout = startup_timeout or 2 * timeout
+        # Once this node's ranks have reported progress, later groups are judged from their
+        # start (startup_timeout until the first step): a rank that hangs before its first step
+        # after a restart is caught. A first group never is -- a script that reports no progress
+        # at all must not be killed.
+        self._reported = False
         self.interval = min(1.0, timeout / 4)
         self.ack_wait = ack_wait
         self._record = record_event
@@ -96,7 +104,7 @@ class HangWatch:
         now = time.monotonic()
         self._ranks = [
             _Rank(local_rank=w.local_rank, rank=w.global_rank, pid=int(w.id), folder=folders[
-                w.local_rank], changed=now)
+                w.local_rank], changed=now, startup=self._reported)
             for w in worker_group.workers
             if isinstance(w.id, int) and w.local_rank in folders]
         self._nodes = max(1, int(worker_group.group_world_size or 1))
@@ -126,11 +134,17 @@ class HangWatch:
             if p is not None and p.pid == r.pid:
                 r.last = p
                 if p.n != r.n:
-                    r.n, r.changed, r.armed = p.n, now, p.n > 0
+                    r.changed = now if r.n >= 0 or p.n > 0 else r.changed
+                    r.n, r.armed = p.n, p.n > 0
                     r.cpu_at_change = stacks.proc_sample(r.pid).cpu_s
                 if p.ended:
                     r.armed = False  # the script returned; torch sees the exit
-            if r.armed and now - r.changed >= self.timeout:
+            if r.armed:
+                self._reported = True
+                if now - r.changed >= self.timeout:
+                    hung.append(r)
+            elif r.startup and r.last is not None and not r.last.ended \
+                    and now - r.changed >= self.startup_timeout:
                 hung.append(r)
         if not hung:
             return None
@@ -197,13 +211,14 @@ class HangWatch:
                 "state": s.state, "cpu_percent": cpu, "silent_s": round(silent, 1),
                 "armed": r.armed, "n": r.n, "step": r.last.step if r.last else None,
                 "step_time_s": r.last.step_time if r.last else None, "stamp": hang.stamp,
-                "detected_by": hang.node}
+                "detected_by": hang.node, "worker_dir": str(r.folder)}
         files = self._dump_all(folder, infos)
         if hung is not None and detected:
             for r in hung:
                 info = infos[r.rank]
                 self._record("worker.hung", rank=r.rank, local_rank=r.local_rank, pid=r.pid,
                              silent_s=info["silent_s"], hang_timeout=self.timeout,
+                             before_first_step=not r.armed,
                              state=info["state"], cpu_percent=info["cpu_percent"],
                              step=info["step"], reports=r.n, dump=files.get(r.rank),
                              stamp=hang.stamp)

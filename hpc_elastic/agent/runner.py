@@ -31,6 +31,8 @@ from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
+from hpc_elastic.agent.storm import StormGuard, failure_signature, hang_signature
+from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.config import JobConfig, load_config
 from hpc_elastic.identity import NodeIdentity
@@ -56,11 +58,14 @@ class ObservedAgent(LocalElasticAgent):
 
     def __init__(self, *args: object, record: Callable[..., None],
                  preemption: Preemption | None = None, hangs: HangWatch | None = None,
+                 storm: StormGuard | None = None, stragglers: StragglerWatch | None = None,
                  **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._record = record
         self.preemption = preemption
         self.hangs = hangs
+        self.storm = storm
+        self.stragglers = stragglers
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         """Start workers with the preemption signal ignored until they install a handler (see
@@ -72,10 +77,13 @@ class ObservedAgent(LocalElasticAgent):
             with self.preemption.ignored_while():
                 started = super()._start_workers(worker_group)
             self.preemption.forward_again()
+        for worker in worker_group.workers:  # torch sets the ids after this returns
+            worker.id = started.get(worker.local_rank, worker.id)
+        folders = getattr(self._logs_specs, "folders", {})
         if self.hangs is not None:
-            for worker in worker_group.workers:  # torch sets the ids after this returns
-                worker.id = started.get(worker.local_rank, worker.id)
-            self.hangs.watch(worker_group, getattr(self._logs_specs, "folders", {}))
+            self.hangs.watch(worker_group, folders)
+        if self.stragglers is not None:
+            self.stragglers.watch(worker_group, folders)
         return started
 
     def _exit_barrier(self) -> None:
@@ -103,7 +111,12 @@ class ObservedAgent(LocalElasticAgent):
             if hung is not None:
                 # worker.hung / hang.dumped are recorded; the restart is torch's, as for any
                 # failure (the failures name the dump files).
+                last = self.hangs.last_hang or {}
+                self._guard_storm(hang_signature(last.get("infos", {}), last.get("files", {}),
+                                                 self.hangs.jobdir.path))
                 return hung
+        if result.state == WorkerState.HEALTHY and self.stragglers is not None:
+            self.stragglers.check()
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             restart = worker_group.spec.max_restarts - self._remaining_restarts
             for rank, failure in sorted(result.failures.items()):
@@ -119,6 +132,7 @@ class ObservedAgent(LocalElasticAgent):
                 # change (num_nodes_waiting > 0) and re-forms without using up a restart.
                 self._record("workers.peer_left", restart_count=restart)
                 return RunResult(state=WorkerState.HEALTHY)
+            self._guard_storm(failure_signature(result.failures))
         preemption = self.preemption
         if preemption is not None and preemption.received:
             # The job is going away: a restart would only start from the checkpoint the next
@@ -133,6 +147,18 @@ class ObservedAgent(LocalElasticAgent):
                 preemption.forward_again()
         return result
 
+
+    def _guard_storm(self, signature: str) -> None:
+        """Count the failure; at the limit, take the remaining restarts away (torch then stops
+        the workers and ``agent.failed`` follows) and say why."""
+        if self.storm is None or not self.storm.observe(signature):
+            return
+        if self._remaining_restarts > 0:
+            self._record("restarts.stopped", repeats=self.storm.count, cause=signature,
+                         remaining_restarts=self._remaining_restarts,
+                         reason=f"the same failure repeated {self.storm.count} times: "
+                                f"{signature}")
+            self._remaining_restarts = 0
 
     @staticmethod
     def _lost_a_member(worker_group: WorkerGroup) -> bool:
@@ -244,12 +270,16 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
     # A member job (grow, array task) does not own the run: its end shrinks the run, and only
     # the lead requeues it (hpc_elastic/members.py).
     handles_preemption = config.preemption.requeue and not ident.is_member
-    hangs = (HangWatch(jobdir, ident.node, config.hang_timeout, events.record)
+    hangs = (HangWatch(jobdir, ident.node, config.hang_timeout, events.record,
+                       startup_timeout=config.hang_startup_timeout)
              if config.hang_timeout else None)
     agent = ObservedAgent(
         spec, JobDirLogsSpecs(jobdir, ident.node, ident.attempt), start_method="spawn",
         log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
         preemption=preemption if handles_preemption else None, hangs=hangs,
+        storm=StormGuard(config.same_failure_limit) if config.same_failure_limit else None,
+        stragglers=(StragglerWatch(jobdir, ident.node, events.record, config.stragglers)
+                    if config.stragglers != "off" else None),
     )
     if handles_preemption:
         preemption.install()

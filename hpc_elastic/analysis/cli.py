@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from . import failures, metrics, summary, timeline
+from . import failures, hangs, metrics, summary, timeline
 from .fmt import emit_json, footer
 from .loader import Job, JobNotFound, open_job
 
-COMMANDS = ("summary", "timeline", "failures", "metrics", "plot")
+COMMANDS = ("summary", "timeline", "failures", "hangs", "metrics", "plot")
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--text", action="store_true",
                             help="print a plain-text timeline instead (also what happens "
                             "when matplotlib is not installed)")
-    elif command != "summary":
+    elif command not in ("summary", "hangs"):
         raise ValueError(f"unknown logs command {command!r}")
 
 
@@ -116,6 +116,17 @@ def _failures(job: Job, args: argparse.Namespace, as_json: bool) -> int:
     return 0
 
 
+def _hangs(job: Job, args: argparse.Namespace, as_json: bool) -> int:
+    data = hangs.collect(job)
+    if as_json:
+        emit_json({"hangs": data, "notes": job.notes})
+    else:
+        print(hangs.render(data))
+        if job.notes:
+            print(footer(job.notes))
+    return 0
+
+
 def _metrics(job: Job, args: argparse.Namespace, as_json: bool) -> int:
     data = metrics.collect(job, per_node=bool(getattr(args, "per_node", False)),
                            name_prefix=getattr(args, "name", None),
@@ -150,7 +161,7 @@ def _plot(job: Job, args: argparse.Namespace, as_json: bool) -> int:
     return 0
 
 
-_COMMANDS = {"summary": _summary, "timeline": _timeline, "failures": _failures,
+_COMMANDS = {"summary": _summary, "timeline": _timeline, "failures": _failures, "hangs": _hangs,
              "metrics": _metrics, "plot": _plot}
 
 

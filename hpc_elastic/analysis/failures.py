@@ -99,6 +99,7 @@ def _loss_block(c: dict[str, Any]) -> list[str]:
 def _failure_block(f: dict[str, Any]) -> list[str]:
     mark = "ROOT " if f["root"] else "     "
     who = ("the agent itself" if f["kind"] == AGENT_ERROR
+           else f"rank {f['rank']}  HANG" if f["kind"] == "hang"
            else f"rank {f['rank']}  exit {f['exitcode']}")
     out = [f"{mark}{iso(f['time'])}  node {f['node']}  attempt {f['attempt']} round "
            f"{f['round']}  {who}" + (f" ({f['signal']})" if f.get("signal") else "")]
@@ -108,6 +109,8 @@ def _failure_block(f: dict[str, Any]) -> list[str]:
         what = (f"node {sec['node']} {'left' if sec['kind'] == 'node_left' else 'lost'}"
                 if sec["kind"] in NODE_CAUSES else f"{sec['node']} rank {sec['rank']}")
         out.append(f"     secondary to: {what}")
+    for folder in f.get("hang_dumps") or []:
+        out.append(f"     stacks: {folder}/rank-*.txt (hpc-elastic logs hangs JOB)")
     if f["stderr_path"]:
         out.append(f"     stderr ({f['stderr_path']}), last {len(f['stderr_tail'])} lines:")
         out.extend(f"       | {line}" for line in f["stderr_tail"])

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hangs import collect as collect_hangs
 from .loader import Job
 
 TERMINAL = {"agent.succeeded": "ok", "agent.failed": "failed", "agent.preempted": "preempted",
@@ -165,6 +166,11 @@ class JobModel:
     events: int
     losses: list[dict[str, Any]] = field(default_factory=list)  # nodes lost mid-run
     root_causes: list[dict[str, Any]] = field(default_factory=list)  # roots, earliest first
+    hangs: list[dict[str, Any]] = field(default_factory=list)  # analysed hang dumps (.hangs)
+    #: ``restarts.stopped``: an agent stopped restarting because one failure kept repeating.
+    restarts_stopped: list[dict[str, Any]] = field(default_factory=list)
+    #: ``node.straggler``: a node whose ranks' busy time per step was >= 1.5x the median.
+    stragglers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def is_cascade(message: str | None, exitcode: Any) -> bool:
@@ -239,6 +245,9 @@ def build(job: Job) -> JobModel:
     runs: dict[RunKey, NodeRun] = {}
     rdzv_ids: dict[str, RunKey] = {}  # rendezvous node id -> its run's key
     deaths: list[NodeDeath] = []
+    hung: dict[str, tuple[dict[str, Any], tuple[int, int, int] | None]] = {}  # stamp -> first
+    stopped: list[dict[str, Any]] = []
+    stragglers: list[dict[str, Any]] = []
 
     def get_round(key: tuple[int, int, int]) -> Round:
         r = rounds.get(key)
@@ -393,6 +402,21 @@ def build(job: Job) -> JobModel:
                 requeues += 1
             elif kind == "rendezvous.node_dead" and isinstance(rec.get("dead_node"), str):
                 deaths.append(NodeDeath.of(rec, node))
+            elif kind == "node.straggler":
+                stragglers.append({"time": t, "node": node, "attempt": attempt,
+                                   "ratio": rec.get("ratio"), "ranks": rec.get("ranks"),
+                                   "node_busy_s": rec.get("node_busy_s"),
+                                   "median_busy_s": rec.get("median_busy_s"),
+                                   "windows": rec.get("windows"),
+                                   "policy": rec.get("policy"), "action": rec.get("action")})
+            elif kind == "restarts.stopped":
+                stopped.append({"time": t, "node": node, "attempt": attempt,
+                                "repeats": rec.get("repeats"), "cause": rec.get("cause"),
+                                "reason": rec.get("reason")})
+            elif kind == "worker.hung" and isinstance(rec.get("stamp"), str):
+                first = hung.get(rec["stamp"])
+                if first is None or t < first[0]["time"]:
+                    hung[rec["stamp"]] = (rec, current.get(attempt))
 
             if kind in _CLEAN_END:
                 run.ended = True
@@ -404,6 +428,9 @@ def build(job: Job) -> JobModel:
                 h.ended = "vanished"  # a new attempt starts over
 
     _standby_starts(rounds)
+    hang_list = collect_hangs(job) if hung or job.dir.nodes.is_dir() and any(
+        (job.dir.node(n) / "hangs").is_dir() for n in nodes) else []
+    failures.extend(_hang_causes(hung, hang_list))
     losses = _node_losses(runs, rounds, rdzv_ids, deaths)
     _mark_roots(failures, losses)
     failures.sort(key=lambda f: (*_failure_order(f), f["node"] or "", f["rank"] or 0))
@@ -415,7 +442,39 @@ def build(job: Job) -> JobModel:
                     failures=failures, first_start=first_start, last_event=last_event,
                     attempts=attempts, attempt_spans=spans, terminal=terminal,
                     preemptions=preemptions, requeues=requeues, events=n_events,
-                    losses=losses, root_causes=[root_cause(c) for c in roots])
+                    losses=losses, root_causes=[root_cause(c) for c in roots],
+                    hangs=hang_list, restarts_stopped=sorted(stopped, key=lambda x: x["time"]),
+                    stragglers=sorted(stragglers, key=lambda x: x["time"]))
+
+
+def _hang_causes(hung: dict[str, tuple[dict[str, Any], tuple[int, int, int] | None]],
+                 hang_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cause per hang (``worker.hung`` events share the hang's stamp), naming the culprit
+    its stack dumps point to (:mod:`.hangs`), not merely the rank that was noticed first.
+
+    Its ``error_time`` is when the noticed rank last made progress, so the hang precedes the
+    errors its restart causes."""
+    analysed = {h["stamp"]: h for h in hang_list}
+    out = []
+    for stamp, (rec, key) in sorted(hung.items()):
+        h = analysed.get(stamp)
+        culprit = (h or {}).get("culprits") or [{}]
+        silent = rec.get("silent_s")
+        since = rec["time"] - silent if isinstance(silent, (int, float)) else None
+        message = (f"hang: {h['message']}" if h else
+                   f"hang: rank {rec.get('rank')} made no progress for {silent} s")
+        dumps = ", ".join((h or {}).get("dump_dirs") or [])
+        out.append(_failure(
+            {**rec, "message": message + (f" (stacks: {dumps})" if dumps else ""),
+             "exitcode": None, "error_time": since,
+             "node": culprit[0].get("node", rec.get("node")),
+             "rank": culprit[0].get("rank", rec.get("rank")),
+             "pid": rec.get("pid") if not h or not h.get("culprits") else None,
+             # the culprit's folder: `logs failures` shows its stderr.log from there
+             "error_file": (f"{culprit[0]['worker_dir']}/error.json"
+                            if isinstance(culprit[0].get("worker_dir"), str) else None)},
+            key, kind="hang", stamp=stamp, hang_dumps=(h or {}).get("dump_dirs") or []))
+    return out
 
 
 def _standby_starts(rounds: dict[tuple[int, int, int], Round]) -> None:

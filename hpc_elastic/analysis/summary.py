@@ -178,6 +178,10 @@ def summarize(job: Job, now: float | None = None) -> dict[str, Any]:
         "node_losses": m.losses,
         "root_causes": m.root_causes,
         "root_cause": m.root_causes[0] if m.root_causes else None,
+        "restarts_stopped": m.restarts_stopped,
+        "stragglers": m.stragglers,
+        "hangs": [{k: h[k] for k in ("stamp", "message", "culprits", "evidence", "dump_dirs")}
+                  for h in m.hangs],
         "preemptions": m.preemptions,
         # Asked for by an agent (preemption) or by the batch supervisor (too few nodes left).
         "requeues": m.requeues + sum(1 for e in batch if e.get("kind") == "batch.requeue"),
@@ -260,6 +264,8 @@ def _root_line(c: dict[str, Any], failures: list[dict[str, Any]]) -> str:
     """One root cause; a node loss says how many failures it explains, as they are not roots."""
     if c["kind"] == AGENT_ERROR:
         return f"{iso(c['time'])} {c['node']} agent: {c['message']}"
+    if c["kind"] == "hang":
+        return f"{iso(c['time'])} {c['message']}"
     if c["kind"] not in NODE_CAUSES:
         return (f"{iso(c['time'])} {c['node']} rank {c['rank']} exit {c['exitcode']}: "
                 f"{c['message'] or '(no message)'}")
@@ -322,6 +328,17 @@ def render(s: dict[str, Any]) -> str:
     if s["root_causes"]:
         out.append("root causes:")
         out.extend(f"  {_root_line(c, s['failures'])}" for c in s["root_causes"])
+    for stop in s.get("restarts_stopped") or []:
+        out.append(f"restarts stopped on {stop['node']} at {iso(stop['time'])}: "
+                   f"{stop['reason']}")
+    for st in s.get("stragglers") or []:
+        out.append(f"straggler: node {st['node']} (ranks {st['ranks']}) {st['ratio']}x the "
+                   f"median busy time per step at {iso(st['time'])}"
+                   + (f"; {st['action']}" if st.get("policy") == "exclude" else ""))
+    if s.get("hangs"):
+        out.append("hangs (stacks: hpc-elastic logs hangs JOB):")
+        out.extend(f"  {h['stamp']}: {h['message']}; dumps in {', '.join(h['dump_dirs'])}"
+                   for h in s["hangs"])
     out.append("node health:")
     for h in s["node_health"]:
         job = f"  (job {h['job_id']})" if several_jobs else ""

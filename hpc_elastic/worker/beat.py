@@ -55,6 +55,8 @@ class _Reporter:
         self.explicit = False
         self.last_tick = 0.0
         self.step_time: float | None = None
+        self.busy: float | None = None
+        self.last_cpu = 0.0
         self.ended = False
         self.interval = interval
         self.window = window
@@ -80,6 +82,7 @@ class _Reporter:
         if step is not None:
             self.step = step
         self.last_tick = time.monotonic()
+        self.last_cpu = time.thread_time()
 
     def _optimizer_hook(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         self.tick(None, False)
@@ -95,40 +98,44 @@ class _Reporter:
     def _write(self) -> None:
         data = record.encode(record.Progress(
             n=self.n, step=self.step, time=time.time(), pid=self.pid, signal=self.signum,
-            step_time=self.step_time, ended=self.ended))
+            step_time=self.step_time, ended=self.ended, busy=self.busy))
         # A full disk must not stop training; the agent then sees no progress.
         with contextlib.suppress(OSError):
             os.pwrite(self.fd, data, 0)
 
     def _loop(self) -> None:
         written = self.n
-        window_n, window_t = self.n, self.last_tick
+        window_n, window_t, window_c = self.n, self.last_tick, self.last_cpu
         window_start = next_write = time.monotonic()
         # Until the optimizer hook is in, look for torch.optim 10x a second: steps before it
         # are not counted (harmless: judging starts with the first counted step).
         while not self._stop.wait(self.interval if self._hooked else min(self.interval, 0.1)):
             if not self._hooked:
                 self._hook_optimizer()
-            n, last = self.n, self.last_tick
+            n, last, cpu = self.n, self.last_tick, self.last_cpu
             now = time.monotonic()
             if now - window_start >= self.window:
                 if n - window_n >= 2 and window_n > 0:
                     self.step_time = (last - window_t) / (n - window_n)
-                    _log_step_time(self.step_time, self.step)
-                window_n, window_t, window_start = n, last, now
+                    self.busy = (cpu - window_c) / (n - window_n)
+                    _log_step_time(self.step_time, self.busy, self.step)
+                    written = -1  # publish the new window's numbers
+                window_n, window_t, window_c, window_start = n, last, cpu, now
             elif window_n == 0 and n > 0:
-                window_n, window_t = n, last  # the first step starts the first window
+                window_n, window_t, window_c = n, last, cpu  # the first step opens the window
             if n != written and now >= next_write:
                 self._write()
                 written, next_write = n, now + self.interval
 
 
-def _log_step_time(step_time: float, step: int | None) -> None:
-    """Per-rank step time into the rank's own metrics file (stragglers, ``logs metrics``)."""
+def _log_step_time(step_time: float, busy: float, step: int | None) -> None:
+    """Per-rank step time (wall) and busy time (CPU of the training thread) per step into the
+    rank's own metrics file (``logs metrics``, the straggler marks of ``logs plot``)."""
     try:
-        from ..telemetry.worker_metrics import log_metric
+        from ..telemetry.worker_metrics import log_metrics
 
-        log_metric("step_time_s", round(step_time, 6), step=step, group="progress")
+        log_metrics({"step_time_s": round(step_time, 6), "step_busy_s": round(busy, 6)},
+                    step=step, group="progress")
     except Exception:  # noqa: BLE001 - metrics are a nice-to-have here
         pass
 

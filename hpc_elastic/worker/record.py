@@ -36,12 +36,14 @@ class Progress:
     signal: int  # the signal that makes the worker dump its stacks (faulthandler); 0: none
     step_time: float | None  # mean seconds per report over the writer's last window
     ended: bool = False  # the script returned: the process is on its way out, not hung
+    busy: float | None = None  # mean CPU seconds of the training thread per report (window)
 
 
 def encode(p: Progress) -> bytes:
     text = json.dumps({"n": p.n, "step": p.step, "t": round(p.time, 3), "pid": p.pid,
                        "sig": p.signal, "dt": None if p.step_time is None
-                       else round(p.step_time, 6), "end": int(p.ended)},
+                       else round(p.step_time, 6), "end": int(p.ended),
+                       "ct": None if p.busy is None else round(p.busy, 6)},
                       separators=(",", ":"))
     data = text.encode()
     if len(data) >= RECORD_SIZE:
@@ -61,7 +63,8 @@ def decode(data: bytes) -> Progress | None:
         return Progress(n=n, step=step if isinstance(step, int) else None,
                         time=float(obj.get("t") or 0.0), pid=pid, signal=sig,
                         step_time=float(dt) if isinstance(dt, (int, float)) else None,
-                        ended=bool(obj.get("end")))
+                        ended=bool(obj.get("end")),
+                        busy=float(ct) if isinstance(ct := obj.get("ct"), (int, float)) else None)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
         return None
 

@@ -2,12 +2,12 @@
 
 Checkpoints its step to ``HPC_ELASTIC_CHECKPOINT_DIR`` (or ``--ckpt``) every step so a restart
 resumes. The fault is injected once per job: the injecting rank creates ``<ckpt>/injected``
-with O_EXCL first, so the restarted group runs clean.
+with O_EXCL first, so the restarted group runs clean (unless ``--every-start``: a restart storm).
 
 Faults (``--fault``): ``stop`` (the rank SIGSTOPs itself), ``deadlock`` (acquires a lock it
 holds), ``loop`` (spins in Python forever), ``long`` (one step sleeps ``--long-s``: legitimate),
-``slow`` (the rank sleeps ``--slow-factor`` - 1 times the step time more every step: a
-straggler), ``none``.
+``raise`` (a ValueError), ``slow`` (the rank burns ``--slow-factor`` times the others'
+``--work-s`` of CPU per step: a straggler), ``none``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ def inject_once(ckpt: Path) -> bool:
     return True
 
 
+def burn(cpu_s: float) -> None:
+    """Busy work: ``cpu_s`` seconds of this thread's CPU time."""
+    end = time.thread_time() + cpu_s
+    while time.thread_time() < end:
+        pass
+
+
 def spin_forever() -> None:
     x = 0
     while True:
@@ -52,11 +59,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--step-sleep", type=float, default=0.05)
     parser.add_argument("--fault", default="none",
-                        choices=["none", "stop", "deadlock", "loop", "long", "slow"])
+                        choices=["none", "stop", "deadlock", "loop", "long", "slow", "raise"])
+    parser.add_argument("--every-start", action="store_true",
+                        help="inject on every start, not once per job (a restart storm)")
     parser.add_argument("--fault-rank", type=int, default=1)
     parser.add_argument("--fault-step", type=int, default=10)
     parser.add_argument("--long-s", type=float, default=3.0)
     parser.add_argument("--slow-factor", type=float, default=1.5)
+    parser.add_argument("--work-s", type=float, default=0.0,
+                        help="CPU seconds every rank burns per step (a stand-in for compute)")
     parser.add_argument("--ckpt", default=os.environ.get("HPC_ELASTIC_CHECKPOINT_DIR", "."))
     args = parser.parse_args()
 
@@ -75,7 +86,7 @@ def main() -> None:
         if rank == args.fault_rank and step == args.fault_step and args.fault != "slow":
             if args.fault == "long":
                 time.sleep(args.long_s)
-            elif inject_once(ckpt):
+            elif args.every_start or inject_once(ckpt):
                 print(f"rank {rank}: injecting {args.fault} at step {step}", flush=True)
                 if args.fault == "stop":
                     os.kill(os.getpid(), signal.SIGSTOP)
@@ -83,13 +94,15 @@ def main() -> None:
                     deadlock()
                 elif args.fault == "loop":
                     spin_forever()
+                elif args.fault == "raise":
+                    raise ValueError(f"bad batch at step {step}")
         loss = model(torch.randn(4, 8)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        slow = args.fault == "slow" and rank == args.fault_rank
+        burn(args.work_s * (args.slow_factor if slow else 1.0))
         time.sleep(args.step_sleep)
-        if args.fault == "slow" and rank == args.fault_rank:
-            time.sleep(args.step_sleep * (args.slow_factor - 1))
         if rank == 0:
             tmp = state.with_suffix(".tmp")
             tmp.write_text(str(step + 1))
