@@ -631,7 +631,7 @@ def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
         raise ConfigError(
             f"{source.where('hang_startup_timeout')}: key 'hang_startup_timeout' ({startup:g} s) "
             f"is too short. Fix: seconds longer than a restart takes to reach its first step "
-            "(start-up, checkpoint load), or leave it out (twice hang_timeout)."
+            "(start-up, checkpoint load), or leave it out (twice hang_timeout, at least 600 s)."
         )
     value = config.hang_timeout
     if value is None or value == 0:

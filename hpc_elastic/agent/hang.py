@@ -45,6 +45,9 @@ from hpc_elastic.jobdir import JobDir
 from hpc_elastic.worker import record
 
 ACK_WAIT_S = 10.0
+# The least time a restarted group gets to reach its first step: measured on a loaded 2-core
+# machine, a restarted worker spent over 20 s importing torch alone.
+STARTUP_TIMEOUT_S = 600.0
 HANG_EXIT_CODE = -9  # the failures' exit code: the hung workers are SIGKILLed
 
 
@@ -83,7 +86,7 @@ class HangWatch:
         self.jobdir = jobdir
         self.node = node
         self.timeout = timeout
-        self.startup_timeout = startup_timeout or 2 * timeout
+        self.startup_timeout = startup_timeout or max(2 * timeout, STARTUP_TIMEOUT_S)
         # Once this node's ranks have reported progress, later groups are judged from their
         # start (startup_timeout until the first step): a rank that hangs before its first step
         # after a restart is caught. A first group never is -- a script that reports no progress

@@ -295,7 +295,12 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         result = agent.run(ROLE)
     except RendezvousClosedError as err:
         if not ident.is_member:
-            raise
+            # Another node ended the run for good (its restarts ran out, or its restart-storm
+            # guard stopped them) while this one was about to restart: it cannot go on alone.
+            events.record("agent.failed", elapsed_s=round(time.monotonic() - started, 3),
+                          failures=[], reason=f"the run was closed by another node: {err}")
+            telemetry.close()
+            return EXIT_FAILED
         # The run ended (the lead closed its rendezvous) before or while this member took part:
         # nothing left to do here, and nothing failed.
         events.record("agent.left", reason=f"the run has ended: {err}")

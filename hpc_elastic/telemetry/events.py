@@ -91,6 +91,15 @@ DIRECT_KINDS: dict[str, str] = {
     "worker.error_file_unreadable": "a worker left an error file torch cannot parse (empty, "
     "cut off by a full disk): set aside as <file>.unreadable, the failure counts as usual: "
     "error_file, reason",
+    "worker.hung": "a rank made no progress for hang_timeout (agent/hang.py): rank, silent_s, "
+    "state, cpu_percent, step, dump, stamp, before_first_step",
+    "hang.dumped": "this node dumped its ranks' stacks for a hang: stamp, detected_by, dump_dir, "
+    "ranks, acked_nodes, expected_nodes, dump_s",
+    "restarts.stopped": "the same failure repeated same_failure_limit times: repeats, cause, "
+    "reason",
+    "node.straggler": "this node's ranks are >= 1.45x the median busy time per step: ratio, "
+    "node_busy_s, median_busy_s, ranks, windows, policy, action",
+    "node.straggler_cleared": "the node is back under the straggler ratio: ratio, windows",
 }
 #: The kinds that end an agent: every agent's last event is one of them (hpc_elastic/agent/
 #: ending.py makes sure of it). One that cannot be written goes to ``EventLog.final_lost``.
