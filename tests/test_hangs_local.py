@@ -1,6 +1,6 @@
 """Hung ranks in local mode, for real: 2 simulated nodes x 1 gloo DDP worker, a fault injected
 into rank 1 (SIGSTOP, a Python deadlock, an endless loop). Without hang detection each of these
-jobs waits forever (gloo's timeout in the script is 10 min, the test's 150 s); with it, the hung
+jobs waits forever (gloo's timeout in the script is 10 min, the test's 300 s); with it, the hung
 rank is found within ``hang_timeout`` + 15 s, every rank's stack is dumped on both nodes, and
 the job restarts and finishes from its checkpoint. A legitimate long step shorter than
 ``hang_timeout`` is left alone.
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 HANG_TIMEOUT = 6.0
 
 
-def run_job(root: Path, fault: str, *extra: str, steps: int = 30, timeout: float = 150,
+def run_job(root: Path, fault: str, *extra: str, steps: int = 30, timeout: float = 300,
             max_restarts: int = 2, sets: list[str] | None = None, nodes: int = 2
             ) -> tuple[subprocess.CompletedProcess, JobDir]:
     """Submit the DDP script locally (2 nodes x 1 worker) and wait for the end."""
@@ -42,7 +42,7 @@ def run_job(root: Path, fault: str, *extra: str, steps: int = 30, timeout: float
     args = [sys.executable, "-m", "hpc_elastic", "submit", str(job), "--local"]
     # A restarted group may take > 20 s to import torch on a busy machine: judge its start
     # with a margin (the storm test sets its own).
-    for item in ["hang_startup_timeout=120", *(sets or [])]:
+    for item in ["hang_startup_timeout=240", *(sets or [])]:
         args += ["--set", item]
     launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -178,7 +178,7 @@ def test_restart_storm_same_exception_stops_after_the_limit(tmp_path: Path) -> N
     """The same ValueError at the same line on every start: with max_restarts 5 and
     same_failure_limit 3 the job fails after the third failure, not the sixth."""
     result, jobdir = run_job(tmp_path, "raise", "--every-start", max_restarts=5,
-                             sets=["same_failure_limit=3"])
+                             sets=["same_failure_limit=3"], timeout=450)
     assert result.returncode != 0
     stopped = events(jobdir, "restarts.stopped")
     assert stopped and all(e["repeats"] == 3 for e in stopped), stopped
@@ -195,8 +195,8 @@ def test_restart_storm_same_hang_stops_after_the_limit(tmp_path: Path) -> None:
     """The restarted group deadlocks again before its first step: judged from its start
     (hang_startup_timeout), it is a hang too, the same one, and the second stops restarts."""
     result, jobdir = run_job(tmp_path, "deadlock", "--every-start", max_restarts=5,
-                             sets=["same_failure_limit=2", "hang_startup_timeout=90"],
-                             timeout=300)
+                             sets=["same_failure_limit=2", "hang_startup_timeout=150"],
+                             timeout=450)
     assert result.returncode != 0
     assert len({e["stamp"] for e in events(jobdir, "hang.dumped")}) == 2
     assert any(e["before_first_step"] for e in events(jobdir, "worker.hung"))
@@ -212,7 +212,7 @@ def test_straggler_node_is_flagged_and_a_healthy_run_is_not(tmp_path: Path) -> N
     others never do. Windows of 2 s (HPC_ELASTIC_STEP_WINDOW) keep the test short."""
     result, jobdir = run_job(
         tmp_path, "slow", "--work-s 0.02 --slow-factor 2.0", steps=400, nodes=3,
-        sets=["env.HPC_ELASTIC_STEP_WINDOW=2", "stragglers=exclude"], timeout=240)
+        sets=["env.HPC_ELASTIC_STEP_WINDOW=2", "stragglers=exclude"], timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     flags = events(jobdir, "node.straggler")
     started = {e["rank"]: e["node"] for e in events(jobdir, "worker.started")}
