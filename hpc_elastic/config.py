@@ -103,10 +103,10 @@ class JobConfig:
     #: node's place in the very next round (Slurm jobs; see hpc_elastic/batch.py).
     spares: int = 0
     monitor_interval: float = 0.5
-    hang_timeout: float | None = 300.0
+    hang_timeout: float | None = None
     hang_startup_timeout: float | None = None
     same_failure_limit: int = 3
-    stragglers: str = "report"
+    stragglers: str = "off"
     job_root: str = "./jobs"
     #: False: everything under the job directory is private (0700/0600). True: the job
     #: directory's group may read it (0750/0640); see docs/security.md.
