@@ -3,6 +3,7 @@ jobs: submit, wait, summary, failures, events, cancel, and the one job lookup (`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 import hpc_elastic
 
@@ -38,13 +40,7 @@ def test_import_is_light_and_the_cli_help_imports_no_torch() -> None:
 
 
 def wait_until(what: str, check, timeout: float = 90):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(what, check, timeout, every=0.3)
 
 
 @pytest.mark.slow
@@ -118,17 +114,25 @@ def test_a_sigkilled_agent_of_a_fixed_size_job_is_reported_with_its_real_code(
                                          "max_restarts=0", "rendezvous.join_timeout=5",
                                          *FAST_RDZV])
     job = hpc_elastic.submit(cfg, local=True)
+    workers: list[int] = []
     try:
         wait_until("training", lambda: job.state().status == "running"
                    and len(job.state().nodes) == 2)
         agents = wait_until("agent pids", lambda: _agent_pids(job.jobdir))
-        workers = [int(e["worker_id"]) for e in job.events(node="local1", kind="worker.started")]
+        # Both of local1's workers must be on record before the node "dies": a worker whose
+        # start was not yet logged would be left running, orphaned, after the test.
+        workers = wait_until("local1's two workers", lambda: [
+            int(e["worker_id"]) for e in job.events(node="local1", kind="worker.started")
+        ] if len(job.events(node="local1", kind="worker.started")) >= 2 else [])
         for pid in [agents[1], *workers]:  # the node dies: its agent and its workers
             os.kill(pid, signal.SIGKILL)
         outcome = job.wait(timeout=120, progress=False)
     finally:
         if not job.done():
             job.cancel()
+        for pid in workers:  # never leave a worker of this test behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert outcome.state == "failed" and outcome.exit_code == 1
     assert outcome.agent_codes["local1"] == -9
     assert "local1 killed by SIGKILL (-9)" in outcome.detail, outcome.detail
