@@ -8,11 +8,13 @@ looked like comes from ``logs summary --json`` and ``status --json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,21 @@ def submit(cluster: SlurmCluster, job_root: Path, *extra: str) -> JobDir:
     assert result.returncode == 0, result.stdout + result.stderr
     (path,) = [p for p in job_root.iterdir() if p.is_dir()]
     return JobDir(path)
+
+
+@contextlib.contextmanager
+def others_hold(cluster: SlurmCluster, count: int) -> Iterator[int]:
+    """Another job holds ``count`` nodes while the run starts -- how a run ends up below its
+    ``max`` (an elastic job takes every free node up to ``max`` at start). Cancelled on exit,
+    so the nodes are free for a grow job."""
+    blocker = cluster.sbatch("--exclusive", f"--nodes={count}", "--time=10", "--chdir=/tmp",
+                             "--output=/dev/null", "--wrap", "sleep 600")
+    try:
+        wait_for("the other job to hold its nodes",
+                 lambda: cluster.job_state(blocker) == "RUNNING", timeout=60)
+        yield blocker
+    finally:
+        cluster.run(["scancel", str(blocker)], check=False)
 
 
 def starts_seen(jobdir: JobDir) -> list[tuple[int, int, int]]:
@@ -101,9 +118,10 @@ def test_grow_one_node_run_by_two_nodes_then_finish_on_three(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
     t0 = time.monotonic()
-    jobdir = submit(slurm_cluster, tmp_path, "--set", "nodes=1:3", "--set", LONG_RUN)
-    lead = job_id_of(jobdir)
-    wait_epochs(jobdir, 1)
+    with others_hold(slurm_cluster, len(slurm_cluster.nodes) - 1):
+        jobdir = submit(slurm_cluster, tmp_path, "--set", "nodes=1:3", "--set", LONG_RUN)
+        lead = job_id_of(jobdir)
+        wait_epochs(jobdir, 1)
 
     # Refusals, while the run holds 1 of its max 3 nodes.
     too_many = grow(slurm_cluster, jobdir, "--nodes", "3")
@@ -148,10 +166,11 @@ def test_grow_job_that_ends_shrinks_the_run_back_and_it_finishes(
     sends before its time limit (USR1, to its batch shell: ``--signal=B:USR1@grace``): its
     agents leave, the run re-forms on the lead's node alone and finishes."""
     t0 = time.monotonic()
-    jobdir = submit(slurm_cluster, tmp_path, "--set", "nodes=1:3", "--set", LONG_RUN,
-                    "--set", "max_restarts=3")
-    lead = job_id_of(jobdir)
-    wait_epochs(jobdir, 1)
+    with others_hold(slurm_cluster, len(slurm_cluster.nodes) - 1):
+        jobdir = submit(slurm_cluster, tmp_path, "--set", "nodes=1:3", "--set", LONG_RUN,
+                        "--set", "max_restarts=3")
+        lead = job_id_of(jobdir)
+        wait_epochs(jobdir, 1)
     member = grow_job_id(grow(slurm_cluster, jobdir, "--nodes", "2"))
     wait_world(jobdir, 6)
     wait_epochs(jobdir, epochs_done(jobdir) + 1)  # the world of 6 wrote a checkpoint
