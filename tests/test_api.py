@@ -121,9 +121,12 @@ def test_a_sigkilled_agent_of_a_fixed_size_job_is_reported_with_its_real_code(
         agents = wait_until("agent pids", lambda: _agent_pids(job.jobdir))
         # Both of local1's workers must be on record before the node "dies": a worker whose
         # start was not yet logged would be left running, orphaned, after the test.
-        workers = wait_until("local1's two workers", lambda: [
-            int(e["worker_id"]) for e in job.events(node="local1", kind="worker.started")
-        ] if len(job.events(node="local1", kind="worker.started")) >= 2 else [])
+        def local1_workers() -> list[int]:
+            pids = [int(e["worker_id"])
+                    for e in job.events(node="local1", kind="worker.started")]
+            return pids if len(pids) >= 2 else []
+
+        workers = wait_until("local1's two workers", local1_workers)
         for pid in [agents[1], *workers]:  # the node dies: its agent and its workers
             os.kill(pid, signal.SIGKILL)
         outcome = job.wait(timeout=120, progress=False)
