@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create ./.venv (once) and install hpc_elastic into it with its dev and plot extras.
+# Create ./.venv (once) and install hpc_elastic into it with its dev, plot and hangs extras
+# (hangs = py-spy: the hang tests and benchmark dump a frozen rank's stack with it; the
+# faulthandler fallback cannot answer for a stopped process).
 #
 # torch is installed first and pinned to 2.13.0: with it in place, the package's own
 # "torch>=2.4" range is satisfied and pip pulls nothing more. An unpinned torch would
@@ -17,8 +19,8 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 
 stamp="$VENV/.hpc_elastic-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup-venv.sh -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" numpy
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,plot]'
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev,plot,hangs]'
     touch "$stamp"
 fi
