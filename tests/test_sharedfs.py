@@ -125,3 +125,13 @@ def processes_under(state: str) -> list[int]:
 def mounts_under(state: str) -> list[str]:
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
             if state in line]
+
+
+def test_the_machine_has_no_way_out_to_the_test_network(sharedfs_clients) -> None:
+    """Nothing in the machine's own network namespace can reach the server or a node: an address
+    of the test network answers 'unreachable' there instead of leaving by the default route."""
+    sharedfs_clients(1, "coherent")
+    net = "10.199.0"  # sharedfs.sh's SFS_NET default
+    for addr in (f"{net}.2", f"{net}.10"):
+        route = subprocess.run(["ip", "route", "get", addr], capture_output=True, text=True)
+        assert route.returncode != 0 or route.stdout.startswith("unreachable"), route.stdout

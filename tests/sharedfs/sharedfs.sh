@@ -86,6 +86,13 @@ sfs_mntns() { # NAME [SETUP-COMMAND]: its mount namespace, private propagation
 }
 
 sfs_bridge() {
+    # A guard in the machine's own network namespace: if anything there ever addresses one of
+    # our nodes (a wrapper that did not enter a namespace, a stray MASTER_ADDR), it fails at once
+    # with "no route to host" instead of leaving through the default gateway -- which happened
+    # once while the cluster was being built. Left in place on stop: it routes nothing, and
+    # other worlds (other STATE directories) share the same addresses.
+    ip route replace unreachable "$SFS_NET.0/24" 2>/dev/null ||
+        sfs_log "warning: could not add the guard route 'unreachable $SFS_NET.0/24'"
     sfs_netns br
     sfs_in_net br ip link show br0 >/dev/null 2>&1 && return 0
     sfs_in_net br ip link add br0 type bridge
