@@ -269,51 +269,6 @@ def test_hot_spare_keeps_the_world_size_after_a_node_loss(
         slurm_cluster.heal()
 
 
-def test_batch_host_loss_requeues_and_resumes_without_it(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    """The batch host (where the supervisor runs) is power-cut: Slurm ends the attempt and
-    requeues the job (``--requeue``); attempt 1 resumes from the checkpoint on the other nodes,
-    and its supervisor excludes the dead batch host (its predecessor left no end record and
-    Slurm reports the node down)."""
-    result = subprocess.run(
-        submit_args(tmp_path, "--set", "nodes=2:3", "--set",
-                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
-        capture_output=True, text=True, timeout=60, env=env_of(slurm_cluster),
-        stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stdout + result.stderr
-    jobdir = the_jobdir(tmp_path)
-    job_id = int(job_id_of(jobdir))
-    try:
-        wait_for("3 nodes training", lambda: len(training_nodes(jobdir)) == 3, timeout=120)
-        wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
-        host = (slurm_cluster.scontrol_job(job_id) or {}).get("BatchHost", "")
-        power_cut(slurm_cluster, host)
-        wait_for("the requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {}).get(
-            "Restarts") == "1" and slurm_cluster.job_state(job_id) == "PENDING", 120)
-        slurm_cluster.release(job_id)
-        state = slurm_cluster.wait_job(job_id, timeout=240)
-        assert state == "COMPLETED", slurm_logs(jobdir)
-    finally:
-        if slurm_cluster.job_state(job_id) not in (None, "COMPLETED", "CANCELLED", "FAILED"):
-            slurm_cluster.run(["scancel", str(job_id)])
-    try:
-        summary = summary_json(jobdir)
-        summary_text(jobdir)
-        assert summary["status"] == "succeeded" and summary["attempts"] == 2
-        assert [x["node"] for x in summary["excluded_nodes"]] == [host]
-        last = [r for r in summary["rendezvous_rounds"] if r["attempt"] == 1]
-        assert last and all(host not in r["participants"] for r in last)
-        starts = [int(m.group(3)) for p in
-                  jobdir.path.glob("nodes/*/workers/attempt-1/restart-0/rank-0/stdout.log")
-                  if (m := RESUMED.search(p.read_text()))]
-        assert starts and min(starts) >= 10, starts
-        assert any(d["kind"] == "requeue" for d in summary["disruptions"])
-        assert_nothing_left(slurm_cluster, jobdir)
-    finally:
-        slurm_cluster.heal()
-
-
 # -- 6. stale directory ----------------------------------------------------------------------
 
 def test_second_job_is_not_confused_by_a_crashed_first_ones_leftovers(
