@@ -61,7 +61,10 @@ def submit(cluster: SlurmCluster, job_root: Path, *extra: str) -> JobDir:
 def others_hold(cluster: SlurmCluster, count: int) -> Iterator[int]:
     """Another job holds ``count`` nodes while the run starts -- how a run ends up below its
     ``max`` (an elastic job takes every free node up to ``max`` at start). Cancelled on exit,
-    so the nodes are free for a grow job."""
+    so the nodes are free for a grow job. Every node must be idle first: a node still coming
+    back from an earlier test's power cut would leave the run nothing to start on."""
+    for node in cluster.nodes:
+        cluster.wait_node_state(node, ["idle"], timeout=120)
     blocker = cluster.sbatch("--exclusive", f"--nodes={count}", "--time=10", "--chdir=/tmp",
                              "--output=/dev/null", "--wrap", "sleep 600")
     try:
