@@ -42,7 +42,8 @@ RESUMED = re.compile(r"attempt (\d+) restart \d+, starting at epoch (\d+) step (
 # -- helpers -------------------------------------------------------------------------------
 
 def events(jobdir: JobDir) -> list[dict[str, Any]]:
-    return [e for node in jobdir.node_names() for e in read_jsonl(jobdir.events(node))]
+    return [e for node in jobdir.node_names()
+            for e in read_jsonl(jobdir.events(node), missing_ok=True)]
 
 
 def kind_events(jobdir: JobDir, kind: str) -> list[dict[str, Any]]:
