@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rendezvous_helpers.forked import run_all
 
 from hpc_elastic.rendezvous import LockingUnsupportedError, create_handler
 from hpc_elastic.rendezvous.heartbeat import HeartbeatWriter, LivenessObserver, watch_set
@@ -54,16 +55,7 @@ def test_cas_never_loses_an_update_under_concurrent_writer_processes(tmp_path):
     successes = FORK.Value("i", 0)
     procs = [FORK.Process(target=_cas_writer, args=(str(layout.root), i, UPDATES, successes))
              for i in range(WRITERS)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    run_all(procs, timeout=60)
     final = StateFile(layout, 5).read()
     expected = {f"w{i}-{j}" for i in range(WRITERS) for j in range(UPDATES)}
     assert successes.value == WRITERS * UPDATES

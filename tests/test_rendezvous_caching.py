@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from rendezvous_helpers import flaky  # noqa: E402
+from rendezvous_helpers.forked import run_all  # noqa: E402
 
 from hpc_elastic.rendezvous import create_handler  # noqa: E402
 from hpc_elastic.rendezvous.errors import FencedError  # noqa: E402
@@ -65,16 +66,7 @@ def test_no_update_is_lost_through_caching_estale_and_short_reads(tmp_path):
              for i in range(WRITERS // 2)]
     procs += [FORK.Process(target=_flaky_cas_writer, args=(str(layout.root), i, UPDATES // 2))
               for i in range(WRITERS // 2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=180)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    run_all(procs, timeout=180)
     final = StateFile(layout, 5).read()
     assert sorted(final.waiting) == sorted(
         f"w{i}-{j}" for i in range(WRITERS // 2) for j in range(UPDATES)), "a transaction lost"

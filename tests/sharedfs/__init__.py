@@ -52,6 +52,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from pidfiles import live_pid_from
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "sharedfs.sh"
 PROFILES = ("cached", "coherent")
@@ -175,13 +177,7 @@ class Clients:
 
     def client_pid(self, i: int) -> int | None:
         """PID of node i's FUSE client process (None once it is gone)."""
-        pidfile = self.fs.state / "pids" / f"client-{self.nodes[i]}-{self.profile}.pid"
-        try:
-            pid = int(pidfile.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+        return live_pid_from(self.fs.state / "pids" / f"client-{self.nodes[i]}-{self.profile}.pid")
 
     def kill_client(self, i: int) -> None:
         """SIGKILL node i's FUSE client: its mount answers ENOTCONN until :meth:`remount`."""

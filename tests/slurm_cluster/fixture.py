@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from pidfiles import live_pid_from
 
 HERE = Path(__file__).resolve().parent
 START = HERE / "start.sh"
@@ -281,13 +282,8 @@ class SlurmCluster:
 
     def fs_client_pid(self, node: str, profile: str | None = None) -> int | None:
         """PID of ``node``'s FUSE client of ``profile``, if alive."""
-        pidfile = self.state_dir / "pids" / f"client-{node}-{profile or self.fs_profile}.pid"
-        try:
-            pid = int(pidfile.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+        return live_pid_from(
+            self.state_dir / "pids" / f"client-{node}-{profile or self.fs_profile}.pid")
 
     # -- fault tools (each undone by heal(); measured times in README.md) ---------------------
     def _signal_node(self, node: str, sig: int) -> list[int]:
