@@ -32,6 +32,12 @@ class ConfigError(ValueError):
 
 #: The shortest ``hang_timeout``: workers write their progress once a second.
 MIN_HANG_TIMEOUT = 3.0
+#: The default ``hang_timeout``: half of NCCL's default collective timeout (600 s), so a hang is
+#: caught, with its stacks, well before the library aborts the ranks without them; and far
+#: above the longest gaps between steps measured in healthy runs (docs/configuration.md).
+DEFAULT_HANG_TIMEOUT = 300.0
+#: Keys where ``off`` (YAML reads it as false) switches the feature off like 0 or null.
+_OFF_MEANS_NONE = ("hang_timeout",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ class JobConfig:
     #: node's place in the very next round (Slurm jobs; see hpc_elastic/batch.py).
     spares: int = 0
     monitor_interval: float = 0.5
-    hang_timeout: float | None = None
+    hang_timeout: float | None = DEFAULT_HANG_TIMEOUT
     hang_startup_timeout: float | None = None
     same_failure_limit: int = 3
     stragglers: str = "off"
@@ -417,7 +423,10 @@ def _to_dataclass(cls: type, data: Any, prefix: str, source: _Source) -> Any:
                     f"missing. Fix: add it, for example: {_EXAMPLES.get(prefix + name, name)}."
                 )
             continue
-        values[name] = _convert(hints[name], data[name], prefix + name, source)
+        value = data[name]
+        if prefix + name in _OFF_MEANS_NONE and (value is False or value == "off"):
+            value = None
+        values[name] = _convert(hints[name], value, prefix + name, source)
     return cls(**values)
 
 
@@ -612,7 +621,7 @@ def _check_entrypoint(config: JobConfig, source: _Source, base_dir: Path | None)
 
 
 def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
-    """``hang_timeout``: seconds without progress; 0 or null switch hang detection off.
+    """``hang_timeout``: seconds without progress; 0, null or off switch hang detection off.
     ``same_failure_limit``: 0 switches the restart-storm guard off."""
     if config.same_failure_limit < 0:
         raise ConfigError(
@@ -623,8 +632,8 @@ def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
     if config.stragglers not in ("off", "report", "exclude"):
         raise ConfigError(
             f"{source.where('stragglers')}: key 'stragglers' is {config.stragglers!r}. Fix: use "
-            "'report' (the default: flag slow nodes), 'exclude' (flag them; excluding them is "
-            "not available yet, so they are reported) or 'off'."
+            "'report' (flag slow nodes), 'exclude' (flag them and leave them out from the next "
+            "restart or requeue on) or 'off' (the default)."
         )
     startup = config.hang_startup_timeout
     if startup is not None and not startup >= MIN_HANG_TIMEOUT:
@@ -642,7 +651,8 @@ def _check_hang_timeout(config: JobConfig, source: _Source) -> None:
             f"{source.where('hang_timeout')}: key 'hang_timeout' ({value:g} s) is too short: "
             f"workers report progress once a second, so anything under {MIN_HANG_TIMEOUT:g} s "
             "would call a healthy rank hung. Fix: use seconds longer than your slowest step or "
-            "checkpoint (the default is 300), or 0 to switch hang detection off."
+            f"checkpoint (the default is {DEFAULT_HANG_TIMEOUT:g}), or 0 or off to switch hang "
+            "detection off."
         )
 
 

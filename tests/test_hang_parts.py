@@ -3,6 +3,8 @@ worker processes through ``python -m hpc_elastic.worker``), the stack dumps, the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from hpc_elastic.agent import stacks
+from hpc_elastic.agent.error_files import unreadable_reason
 from hpc_elastic.agent.storm import StormGuard
+from hpc_elastic.analysis.hangs import analyse
 from hpc_elastic.config import ConfigError, load_config
 from hpc_elastic.worker import record
 from tests.polling import wait_for
@@ -82,6 +86,44 @@ def test_explicit_reports_replace_the_optimizer_count(tmp_path: Path) -> None:
     assert after is not None and after.n == 4 and after.step == 102, after
 
 
+def test_worker_writes_a_whole_error_file_for_an_uncaught_exception(tmp_path: Path) -> None:
+    """What torch's ``@record`` would write, for a script without it; torch's agent parses it."""
+    error_file = tmp_path / "error.json"
+    done = run_worker(tmp_path, """
+        def inner():
+            raise ValueError("boom")
+        inner()
+        """, TORCHELASTIC_ERROR_FILE=str(error_file))
+    assert done.returncode == 1 and "ValueError: boom" in done.stderr
+    assert unreadable_reason(str(error_file)) is None
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"] == "ValueError: boom"
+    assert "in inner" in message["extraInfo"]["py_callstack"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "error" in p.name) == ["error.json"]
+
+
+def test_worker_leaves_no_empty_error_file_on_a_full_disk(tmp_path: Path) -> None:
+    """torch's own writer leaves an empty file on a full disk, which its parser in the agent
+    chokes on; the worker's is whole or absent (the cause of a traceback in issue 16)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounts a small tmpfs: needs root")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        with contextlib.suppress(OSError), open(mount / "fill", "wb") as out:
+            while True:
+                out.write(b"x" * 4096)
+                out.flush()
+        error_file = mount / "error.json"
+        done = run_worker(tmp_path, "raise ValueError('x' * 100000)\n",
+                          TORCHELASTIC_ERROR_FILE=str(error_file))
+        assert done.returncode == 1 and "ValueError" in done.stderr
+        assert sorted(p.name for p in mount.iterdir()) == ["fill"], "no error file, no temp file"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_report_progress_is_a_no_op_outside_hpc_elastic(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "HPC_ELASTIC_WORKER_DIR"}
     code = "import hpc_elastic; hpc_elastic.report_progress(1)"
@@ -146,10 +188,12 @@ def test_hang_timeout_key(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("")
     job = tmp_path / "job.yaml"
     job.write_text("name: a\nentrypoint: train.py\n")
-    assert load_config(job).hang_timeout is None, "opt-in for now (see runner.py)"
+    assert load_config(job).hang_timeout == 300.0, "on by default (docs/configuration.md)"
     assert load_config(job, ["hang_timeout=45"]).hang_timeout == 45.0
-    assert load_config(job, ["hang_timeout=0"]).hang_timeout is None
-    assert load_config(job, ["hang_timeout=null"]).hang_timeout is None
+    for off in ("0", "null", "off", "false"):
+        assert load_config(job, [f"hang_timeout={off}"]).hang_timeout is None, off
+    job.write_text("name: a\nentrypoint: train.py\nhang_timeout: off\n")
+    assert load_config(job).hang_timeout is None
     for bad in ("1", "-5", "soon"):
         with pytest.raises(ConfigError) as info:
             load_config(job, [f"hang_timeout={bad}"])
@@ -175,3 +219,13 @@ def test_storm_guard_counts_identical_failures_in_a_row() -> None:
     assert [guard.observe(s) for s in ("a", "a", "b", "b", "b")] == [
         False, False, False, False, True]
     assert not any(StormGuard(0).observe("a") for _ in range(5)), "0 switches it off"
+
+
+def test_the_only_rank_of_a_one_rank_job_is_the_culprit() -> None:
+    """One GPU, one rank: no peer to compare with, so a hung rank is named all the same."""
+    dump = {"rank": 0, "node": "n1", "state": "R", "cpu_percent": 99.0, "collective": None,
+            "where": "train.py:9 (main)",
+            "frames": [("synchronize", "torch/cuda/__init__.py", 1), ("main", "train.py", 9)]}
+    result = analyse("20260101-000000", [dump])
+    assert result["evidence"] == "the only rank" and result["culprits"][0]["rank"] == 0
+    assert result["message"] == "rank 0 (node n1) was busy (99% CPU) in train.py:9 (main)"

@@ -7,14 +7,36 @@ in issue 14, the agents then died without using the restarts they had left. This
 readable error file from an unreadable one exactly as torch reads it, and moves unreadable ones
 aside (``error.json.unreadable``, kept for the user) so that torch reports the failure without
 one, as for a worker that died of a signal.
+
+torch logs its parser's exception with a full traceback before it raises it. The agent handles
+that exception (and records ``worker.error_file_unreadable`` with the reason), so the traceback
+would only tell the user that something crashed when nothing did: :func:`quiet_torch_parser`
+drops exactly that one log record.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
+
+# The logger and message of torch's ``ProcessFailure.__post_init__`` (torch 2.x).
+TORCH_ERRORS_LOGGER = "torch.distributed.elastic.multiprocessing.errors"
+TORCH_PARSE_FAILURE = "Failed to parse reply file"
+
+
+class _DropParseFailure(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(TORCH_PARSE_FAILURE)
+
+
+def quiet_torch_parser() -> None:
+    """Drop torch's log of an unreadable error file (idempotent); the agent reports it."""
+    logger = logging.getLogger(TORCH_ERRORS_LOGGER)
+    if not any(isinstance(f, _DropParseFailure) for f in logger.filters):
+        logger.addFilter(_DropParseFailure())
 
 
 def unreadable_reason(path: str) -> str | None:

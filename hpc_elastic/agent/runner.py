@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
 from hpc_elastic import slurm
 from hpc_elastic.agent.ending import Ending
-from hpc_elastic.agent.error_files import set_aside_unreadable
+from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
 from hpc_elastic.agent.storm import StormGuard, failure_signature, hang_signature
@@ -66,6 +66,7 @@ class ObservedAgent(LocalElasticAgent):
         self.hangs = hangs
         self.storm = storm
         self.stragglers = stragglers
+        quiet_torch_parser()  # _monitor_workers handles (and records) an unreadable error file
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         """Start workers with the preemption signal ignored until they install a handler (see
@@ -251,11 +252,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         entrypoint=sys.executable,
         # Through hpc_elastic.worker: it installs the progress reporter the hang watch reads,
         # then runs the script exactly as `python SCRIPT` would (docs/architecture.md).
-        # Only when hang detection or straggler flags are on: with the wrapper, a worker that
-        # fills the disk leaves torch an error file it logs a traceback for (not yet understood,
-        # tests/test_agent_endings.py), so both stay opt-in until that is fixed.
-        args=("-u", *(("-m", "hpc_elastic.worker") if config.hang_timeout
-                      or config.stragglers != "off" else ()), *config.entrypoint.command()),
+        args=("-u", "-m", "hpc_elastic.worker", *config.entrypoint.command()),
         max_restarts=config.max_restarts,
         monitor_interval=config.monitor_interval,
         local_addr=ident.address,

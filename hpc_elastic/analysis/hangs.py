@@ -11,7 +11,8 @@ The culprit, in this order of evidence:
 1. a rank whose process was stopped (state T): nothing else stops a process;
 2. a rank that was *not* inside a collective (all_reduce, barrier, backward's gradient sync, ...)
    while others were: they waited for it;
-3. the one rank whose stack differs from all others' (a minority of one).
+3. the one rank whose stack differs from all others' (a minority of one);
+4. in a job of one rank (one GPU), that rank.
 
 Nothing else is guessed: with no such evidence the message says no rank stood out.
 """
@@ -79,6 +80,8 @@ def analyse(stamp: str, dumps: list[dict[str, Any]]) -> dict[str, Any]:
         culprits, why = stopped, "stopped"
     elif in_coll and outside:
         culprits, why = outside, "outside a collective"
+    elif len(dumps) == 1:  # a job of one rank (one GPU): nobody to compare with
+        culprits, why = dumps, "the only rank"
     else:
         singles = [g[0] for g in groups.values() if len(g) == 1]
         culprits, why = (singles, "different stack") if len(singles) == 1 and len(dumps) > 2 \

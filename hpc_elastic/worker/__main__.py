@@ -7,9 +7,13 @@ starts every worker this way.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import runpy
 import sys
+import time
+import traceback
 
 from hpc_elastic.worker import beat
 
@@ -31,16 +35,38 @@ def main(argv: list[str]) -> None:
 def _record_error(exc: BaseException) -> None:
     """What torch's ``@record`` does, for scripts without it: the exception's type, message and
     traceback into ``TORCHELASTIC_ERROR_FILE``, so the agent's failure (and the restart-storm
-    guard, ``logs failures``) names it. A file the script's own ``@record`` wrote is kept."""
+    guard, ``logs failures``) names it. A file the script's own ``@record`` wrote is kept.
+
+    Written whole or not at all: torch's own writer opens the final path and then writes, so on
+    a full disk it leaves an empty file, which torch's parser in the agent fails on (and logs a
+    traceback for). Here the record goes to a private temporary file first and is linked into
+    place only when it was written completely (``link`` also never replaces a file the script
+    wrote meanwhile); when the disk is full there is no error file, as for a signal."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or os.path.exists(path):
+    if not path or os.path.lexists(path):
+        return
+    data = json.dumps({"message": {
+        "message": f"{type(exc).__name__}: {exc}",
+        "extraInfo": {"py_callstack": "".join(traceback.format_exception(exc)),
+                      "timestamp": str(int(time.time()))}}}).encode()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError:
         return
     try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(exc)
-    except Exception:  # noqa: BLE001 - never hide the script's own exception
-        pass
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except OSError:
+        pass  # never hide the script's own exception
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _run(argv: list[str]) -> None:
