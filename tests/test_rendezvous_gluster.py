@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from hpc_elastic.rendezvous.layout import RunLayout
+from hpc_elastic.rendezvous.state import StateFile
+
 sys.path.insert(0, str(Path(__file__).parent))
-from rendezvous_helpers.harness import base_env  # noqa: E402
+from rendezvous_helpers.harness import WORKER, Cluster, base_env  # noqa: E402
 
 pytestmark = [pytest.mark.sharedfs, pytest.mark.slurm, pytest.mark.slow]
 HERE = Path(__file__).parent
@@ -67,3 +71,57 @@ def test_no_update_is_lost_with_nine_writers_on_three_clients(sharedfs_clients, 
     assert version == 9 * 15, "one version per committed change"
     print(f"{profile}: transient-read retries per writer: "
           f"{[o.strip().split()[0] for o in outputs]}")
+
+
+def _py_spy(pid: int) -> str:
+    """The stacks of a process that did not finish (for the failure message)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return "(py-spy not installed)"
+    try:
+        out = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout[-3000:] + out.stderr[-500:]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy failed: {exc})"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_torchrun_agents_on_three_clients_recover_from_a_worker_failure(
+        sharedfs_clients, tmp_path, profile):
+    """Real ``torchrun --rdzv-backend=sharedfs`` agents, one per GlusterFS client, one worker
+    each, a plain DDP-style gloo script whose rank 1 fails once: every agent re-rendezvouses
+    once through its own client and the job succeeds."""
+    fs = sharedfs_clients(3, profile)
+    cluster = Cluster(tmp_path)
+    cluster.env["PYTHONPATH"] = str(HERE.parent)
+    conf = ",".join(f"{k}={v}" for k, v in TUNED.items())
+    names = [f"a{i}" for i in range(3)]
+    try:
+        for i, name in enumerate(names):
+            cluster.start(name, fs.cmd(i, [
+                sys.executable, "-m", "torch.distributed.run",
+                "--rdzv-backend=sharedfs", f"--rdzv-endpoint={fs.path}", "--rdzv-id=agents",
+                "--nnodes=3", "--nproc-per-node=1", "--local-addr=127.0.0.1",
+                "--max-restarts=2", "--monitor-interval=0.1", f"--rdzv-conf={conf}",
+                str(WORKER), "--out", str(cluster.out), "--steps", "8", "--fail-rank", "1",
+            ]))
+        deadline = time.monotonic() + 180
+        for name in names:
+            proc = cluster.nodes[name]
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stacks = "\n".join(f"--- {n} (pid {p.pid}) ---\n{_py_spy(p.pid)}"
+                                   for n, p in cluster.nodes.items() if p.poll() is None)
+                logs = "\n".join(f"--- {n} log ---\n{cluster.log(n)[-2500:]}" for n in names)
+                pytest.fail(f"{profile}: {name} did not finish in 180 s\n{stacks}\n{logs}")
+            assert rc == 0, f"{profile}: {name} exited {rc}:\n{cluster.log(name)}"
+    finally:
+        cluster.cleanup()
+    done = cluster.records("done")
+    assert len(done) == 3 and {d["world"] for d in done} == {3}
+    assert sorted(d["rank"] for d in done) == [0, 1, 2]
+    assert 1 in {d["restart"] for d in done}, "the failed worker was restarted"
+    final = StateFile(RunLayout(fs.path, "agents"), 5).read()
+    assert final is not None and final.closed and final.round == 1, "exactly one re-rendezvous"

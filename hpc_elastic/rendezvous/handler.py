@@ -19,7 +19,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch.distributed as dist
 from torch.distributed.elastic.rendezvous.api import (
     RendezvousClosedError,
     RendezvousGracefulExitError,
@@ -37,6 +36,7 @@ from .layout import RunLayout
 from .locking import probe_flock
 from .settings import Settings
 from .state import COMPLETE, JOINING, FsOps, Head, State, StateFile
+from .store import SharedDirStore
 
 BACKEND_NAME = "sharedfs"
 #: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
@@ -85,7 +85,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                                     event_destination)
         self._layout.create()
         probe_flock(self._layout.run_dir)
-        #: Filesystem operations made by this handler (state, heartbeats; not the FileStore).
+        #: Filesystem operations made by this handler (state, heartbeats; not the store).
         self.fs_ops = FsOps()
         self._state_file = StateFile(self._layout, settings.lock_timeout, self.fs_ops)
         self._addr = local_addr or socket.getfqdn()
@@ -307,11 +307,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         rank = state.participants.index(self._node)
         world = len(state.participants)
         master_addr, _, port = state.endpoints[state.participants[0]].rpartition(":")
-        path = self._layout.store(state.round, state.token)
-        # FileStore would make it 0644 and follow a planted symlink; we create it first.
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        store = dist.FileStore(str(path), -1)
-        store.set_timeout(timedelta(seconds=max(300.0, self._settings.join_timeout)))
+        # Not a FileStore: its one appended file is read stale through a caching client
+        # (see .store); every value here is an immutable file committed by link.
+        store = SharedDirStore(self._layout.store(state.round, state.token),
+                               sync=self._state_file.sync,
+                               timeout=timedelta(seconds=max(300.0, self._settings.join_timeout)))
         self._round = state.round
         self._nnw_cache = (-1.0, 0)
         elapsed = time.monotonic() - start

@@ -7,8 +7,9 @@
     state.json          polling hint: a second name of a recent version, renamed over each time
     state.lock          flock'd around every read-modify-write; never written, never deleted
     hb/<node>           heartbeat counter of one node; exactly one writer (that node)
-    stores/r<N>-<tok>   torch FileStore of round N (token random per round); never deleted while
-                        the run lives, because deleting a live FileStore file makes readers hang
+    stores/r<N>-<tok>/  the agents' store of round N (token random per round; .store): one
+                        immutable file per value, committed by link; never deleted while the
+                        run lives
 
 Only this module joins path strings; everything else asks a :class:`RunLayout`.
 """

@@ -7,9 +7,9 @@ profile (and NFS's attribute cache) show, injected where the rendezvous reads it
   ``lexists`` of a new version answers "no" now and then (a lagging lookup cache);
 * the ``state.json`` hint is read from a cached, older copy now and then.
 
-Only paths inside a rendezvous run's ``versions/`` directory or named ``state.json`` are
-affected, never the lock file or heartbeats. :func:`install` patches ``os`` of this process;
-call it in a forked child (or undo with the returned function).
+Only paths inside a rendezvous run's ``versions/`` or ``stores/`` directories or named
+``state.json`` are affected, never the lock file or heartbeats. :func:`install` patches ``os``
+of this process; call it in a forked child (or undo with the returned function).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 def _stateish(path: object) -> bool:
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
-    return "/versions" in text or text.endswith("state.json")
+    return "/versions" in text or "/stores/" in text or text.endswith("state.json")
 
 
 def install(seed: int, estale: float = 0.2, stale_listing: float = 0.7, miss_next: float = 0.5,
@@ -60,14 +60,14 @@ def install(seed: int, estale: float = 0.2, stale_listing: float = 0.7, miss_nex
 
     def listdir_(path="."):
         text = os.fspath(path)
-        if text.endswith("/versions"):
+        if text.endswith("/versions") or "/stores/" in text:
             if text not in listing_cache or rng.random() > stale_listing:
                 listing_cache[text] = real["listdir"](path)
             return list(listing_cache[text])
         return real["listdir"](path)
 
     def lexists_(path):
-        if "/versions/" in os.fspath(path) and rng.random() < miss_next:
+        if _stateish(path) and rng.random() < miss_next:
             return False
         return real_lexists(path)
 
