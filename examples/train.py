@@ -3,7 +3,8 @@
 It runs unchanged under ``torchrun`` or under hpc_elastic's agent:
 
 * **Distributed setup** comes from the usual torchrun environment (RANK, WORLD_SIZE,
-  MASTER_ADDR/PORT, ...): ``init_process_group`` with gloo on CPU, NCCL on GPUs.
+  MASTER_ADDR/PORT, ...): ``init_process_group`` with gloo on CPU, NCCL on GPUs (each rank on
+  the GPU of its ``LOCAL_RANK``).
 * **Checkpoints**: rank 0 writes ``last.pt`` atomically (temp file + rename) at the end of every
   epoch, and every rank resumes from it on start. That is what makes restarts and requeues cheap.
   The directory is ``--checkpoint-dir``, else ``$HPC_ELASTIC_CHECKPOINT_DIR`` (set by the agent
@@ -18,6 +19,10 @@ It runs unchanged under ``torchrun`` or under hpc_elastic's agent:
 * **Failure injection** for demos and tests: ``--fail-at-step N --fail-rank R`` raises an
   exception on that rank at that global step, only in the first attempt and restart, so the
   restarted group gets past it. ``@record`` puts the traceback into ``error.json``.
+  ``--hang-at-step N --fail-rank R`` makes that rank hang instead (first attempt and restart
+  only): on a GPU in a CUDA kernel that spins for about an hour (``torch.cuda._sleep``), on the
+  CPU in a sleep; either way outside any collective, with its peers waiting in the next one.
+  hpc_elastic's hang detection finds it (``hang_timeout``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fail-at-step", type=int, default=-1,
                         help="inject an exception at this global step (first attempt only)")
     parser.add_argument("--fail-rank", type=int, default=0)
+    parser.add_argument("--hang-at-step", type=int, default=-1,
+                        help="make --fail-rank hang at this global step (first attempt only)")
     parser.add_argument("--fail-always", action="store_true",
                         help="inject the failure in every restart, not only the first")
     return parser.parse_args()
@@ -68,9 +75,9 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """True on every rank as soon as any rank got the signal."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -110,6 +117,18 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
+def hang_forever(rank: int, step: int) -> None:
+    """The injected hang: on a GPU a kernel that spins for about an hour and a wait for it (the
+    way a deadlocked or runaway kernel looks from Python), else a sleep."""
+    print(f"rank {rank}: hanging at global step {step} "
+          f"({'in a CUDA kernel' if torch.cuda.is_available() else 'in a sleep'})", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda._sleep(1 << 42)  # GPU clock cycles: ~1 h at 1.5 GHz
+        torch.cuda.synchronize()
+    while True:
+        time.sleep(3600)
+
+
 def emit_metric(name: str, value: float) -> None:
     """Report a metric through hpc_elastic when it is installed; a no-op elsewhere."""
     try:
@@ -122,7 +141,11 @@ def emit_metric(name: str, value: float) -> None:
 @record
 def main() -> None:
     args = parse_args()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
     dist.init_process_group(backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -130,14 +153,14 @@ def main() -> None:
     preemption = PreemptionFlag()
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 1))
-    ddp = DistributedDataParallel(model)
+    model = nn.Sequential(nn.Linear(FEATURES, 32), nn.ReLU(), nn.Linear(32, 1)).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if backend == "nccl" else None)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr)
 
     ckpt_path = checkpoint_dir(args) / "last.pt"
     epoch, step_in_epoch, global_step = 0, 0, 0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)
+        state = torch.load(ckpt_path, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, step_in_epoch, global_step = state["epoch"], state["step"], state["global_step"]
@@ -150,11 +173,12 @@ def main() -> None:
 
     inject = args.fail_at_step >= 0 and rank == args.fail_rank and (
         args.fail_always or (restart == 0 and attempt == 0))
+    hang = args.hang_at_step >= 0 and rank == args.fail_rank and restart == 0 and attempt == 0
     last_loss = float("nan")
     while epoch < args.epochs:
         started = time.monotonic()
         for step in range(step_in_epoch, args.steps_per_epoch):
-            if preemption.agreed():
+            if preemption.agreed(device):
                 if rank == 0:
                     save_checkpoint(ckpt_path, snapshot(epoch, step))
                 # Nobody exits before the checkpoint is on disk (the agent requeues as soon as
@@ -165,7 +189,9 @@ def main() -> None:
                 exit_without_teardown()
             if inject and global_step == args.fail_at_step:
                 raise RuntimeError(f"injected failure at global step {global_step} on rank {rank}")
-            x, y = synthetic_batch(epoch, step, rank, args.batch_size)
+            if hang and global_step == args.hang_at_step:
+                hang_forever(rank, global_step)
+            x, y = (t.to(device) for t in synthetic_batch(epoch, step, rank, args.batch_size))
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(ddp(x), y)
             loss.backward()

@@ -576,3 +576,37 @@ def test_throttled_metric_percentiles_come_from_window_means(
     rc, text = run_cmd(capsys, "metrics", small_job.path)
     assert text.splitlines()[1].endswith(" ~")
     assert "p50/p95 are over the windows' means" in text
+
+
+def test_plot_marks_hangs_and_stragglers(small_job: JobDir,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A hung rank and a straggler flag each get their own mark, on their node's lane, at their
+    time, with their own legend entry (checked on the figure's artists); and in the text."""
+    pytest.importorskip("matplotlib")
+    from hpc_elastic.analysis import Job
+    from hpc_elastic.analysis.plot import figure
+
+    write_events(small_job, "n1", basic_node("n1", end=None) + [
+        {"time": T0 + 6, "kind": "worker.hung", "rank": 1, "local_rank": 0, "silent_s": 3.0,
+         "state": "T", "stamp": "20231114-221326"},
+        {"time": T0 + 9, "kind": "agent.succeeded"}])
+    write_events(small_job, "n2", basic_node("n2", end=None) + [
+        {"time": T0 + 4, "kind": "node.straggler", "ratio": 1.5, "windows": 1, "ranks": [2]},
+        {"time": T0 + 9, "kind": "agent.succeeded"}])
+    fig, drawn = figure(Job(small_job))
+    try:
+        assert {"hang", "straggler"} <= set(drawn["marks"])
+        lanes = fig.axes[0]
+        marks = {c.get_gid(): c.get_offsets().tolist() for c in lanes.collections
+                 if (c.get_gid() or "").startswith("mark:")}
+        assert marks["mark:hang:n1"] == [[5.0, 0.0]], marks  # x: s since the first event
+        assert marks["mark:straggler:n2"] == [[3.0, pytest.approx(1.36)]], marks
+        assert not any(k.startswith(("mark:hang:n2", "mark:straggler:n1")) for k in marks)
+        legend = [t.get_text() for t in lanes.get_legend().get_texts()]
+        assert "rank hung (no progress)" in legend and "straggler flagged" in legend, legend
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    rc, text = run_cmd(capsys, "plot", small_job.path, text=True)
+    lanes_text = {line.split()[0]: line for line in text.splitlines()[:2]}
+    assert "H" in lanes_text["n1"] and "S" in lanes_text["n2"] and "H" not in lanes_text["n2"]

@@ -4,7 +4,9 @@ metric curves below, as a PNG; a plain-text timeline where matplotlib is missing
 Every kind of disruption has its own mark and legend entry, placed so that none hides another:
 a failure (red X) sits on the lane, the worker-group restart that follows (orange triangle) on the
 lane's upper edge, a preemption (purple diamond) on its lower edge, a lost or departed node (black
-or grey square) at its last sign of life, and each root cause is a dashed line across all lanes
+or grey square) at its last sign of life, a hung rank (brown plus: ``worker.hung``) on the lane of
+its node, a straggler flag (olive triangle: ``node.straggler``) on the flagged node's lower edge,
+and each root cause is a dashed line across all lanes
 and the metric panels. The legend sits outside the axes, so it never covers a lane. Metric
 curves are drawn per worker file (one rank in one attempt and restart), so a line stops at a
 failure and a new one starts after the restart instead of running straight across the gap.
@@ -26,7 +28,7 @@ from .model import NODE_CAUSES, build
 INSTALL_HINT = ("plotting needs matplotlib: pip install 'hpc_elastic[plot]' "
                 "(or pip install matplotlib)")
 
-_MARKS = ("failure", "restart", "preemption", "lost", "left")
+_MARKS = ("failure", "restart", "preemption", "lost", "left", "hang", "straggler")
 
 
 class PlotUnavailable(Exception):
@@ -70,6 +72,13 @@ def node_lanes(job: Job) -> tuple[dict[str, dict[str, list[Any]]], float | None]
                     train = None
             elif kind == "preemption.signal":
                 lane["preemption"].append(t)
+            elif kind == "worker.hung":
+                lane["hang"].append(t)
+                if train is not None:
+                    lane["training"].append((train, t))
+                    train = None
+            elif kind == "node.straggler":
+                lane["straggler"].append(t)
             elif (kind in ("agent.succeeded", "agent.failed", "agent.preempted", "shutdown")
                   and train is not None):
                 lane["training"].append((train, t))
@@ -114,6 +123,18 @@ def metric_curves(job: Job, names: tuple[str, ...]) -> dict[str, dict[str, list[
 
 def plot(job: Job, out: Path, metrics: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
     """Write the PNG; raises :class:`PlotUnavailable` without matplotlib."""
+    fig, drawn = figure(job, metrics)
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {"png": str(out), **drawn}
+
+
+def figure(job: Job, metrics: tuple[str, ...] = ("loss",)) -> tuple[Any, dict[str, Any]]:
+    """The figure (not saved) and what it shows. Every mark's scatter has the ``gid``
+    ``mark:<kind>:<node>``, so what was drawn where can be checked on the figure itself."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -143,6 +164,8 @@ def plot(job: Job, out: Path, metrics: tuple[str, ...] = ("loss",)) -> dict[str,
         "preemption": ("D", "tab:purple", 0.36, "preemption signal"),
         "lost": ("s", "black", 0.0, "node lost (last sign of life)"),
         "left": ("s", "grey", 0.0, "node left the run"),
+        "hang": ("P", "tab:brown", 0.0, "rank hung (no progress)"),
+        "straggler": ("^", "tab:olive", 0.36, "straggler flagged"),
     }
     present: set[str] = set()
     for y, node in enumerate(names):
@@ -157,9 +180,9 @@ def plot(job: Job, out: Path, metrics: tuple[str, ...] = ("loss",)) -> dict[str,
             if ts:
                 present.add(key)
                 ax.scatter([t - base for t in ts], [y + dy] * len(ts), marker=marker,
-                           color=color, s=size, zorder=4 if key == "failure" else 3,
+                           color=color, s=size, zorder=4 if key in ("failure", "hang") else 3,
                            edgecolors="white" if key in ("lost", "left") else None,
-                           linewidths=0.5)
+                           linewidths=0.5, gid=f"mark:{key}:{node}")
     for i, root in enumerate(roots):
         for row in axes:
             row[0].axvline(root["time"] - base, color="tab:red", ls="--", lw=1, zorder=1)
@@ -201,17 +224,15 @@ def plot(job: Job, out: Path, metrics: tuple[str, ...] = ("loss",)) -> dict[str,
                   frameon=False)
     axes[-1][0].set_xlabel("seconds since the first event")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return {"png": str(out), "nodes": names, "metrics": shown,
-            "marks": sorted(k for k in present if k in _MARKS),
-            "root_causes": len(roots), "notes": job.notes}
+    return fig, {"nodes": names, "metrics": shown,
+                 "marks": sorted(k for k in present if k in _MARKS),
+                 "root_causes": len(roots), "notes": job.notes}
 
 
 # Drawn in this order; a mark whose column is taken moves right, so a restart in the same
 # column as its failure shows next to it instead of over it.
-_TEXT_MARKS = {"failure": "X", "lost": "L", "left": "l", "preemption": "P", "restart": "R"}
+_TEXT_MARKS = {"failure": "X", "hang": "H", "lost": "L", "left": "l", "preemption": "P",
+               "restart": "R", "straggler": "S"}
 
 
 def text_timeline(job: Job, width: int = 72) -> str:
@@ -247,5 +268,6 @@ def text_timeline(job: Job, width: int = 72) -> str:
         rows.append(f"{node[:name_w]:<{name_w}} |{''.join(cells)}|")
     axis = f"{'':<{name_w}}  0{dur(span):>{width - 1}}"
     root_lines = [f"  {r['label']} at +{r['time'] - t0:.1f}s" for r in roots]
-    return "\n".join([*rows, axis, "= training  r rendezvous  X worker failed  R restart  "
-                      "P preemption  L node lost  l node left", *root_lines])
+    return "\n".join([*rows, axis, "= training  r rendezvous  X worker failed  H rank hung  "
+                      "R restart  P preemption  S straggler  L node lost  l node left",
+                      *root_lines])
