@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 the job or check failed, 2 bad input (config, arguments
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -199,7 +200,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.node_report:
         doctor.node_report(Path(args.dir))
         return EXIT_OK
-    checks = doctor.run_doctor(Path(args.dir), args.clock_tolerance)
+    if args.fs_probe_side:
+        from hpc_elastic import fsprobe
+
+        return fsprobe.main_side(Path(args.dir), args.fs_probe_side)
+    if args.fs_client:
+        if len(args.fs_client) != 2:
+            raise UsageError("--fs-client must be given exactly twice (two command prefixes "
+                             "that reach two different clients of the directory, e.g. "
+                             "--fs-client 'ssh node1' --fs-client 'ssh node2').")
+        clients = [shlex.split(c) for c in args.fs_client]
+        checks = doctor.run_fs_doctor(Path(args.dir), clients, args.heartbeat_timeout)
+    else:
+        checks = doctor.run_doctor(Path(args.dir), args.clock_tolerance, args.heartbeat_timeout)
     for check in checks:
         print(check.render())
     failed = [c for c in checks if c.ok is False]
@@ -403,7 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="the shared directory to check (default: .)")
     p.add_argument("--clock-tolerance", type=float, default=2.0, metavar="SECONDS",
                    help="largest clock difference between nodes accepted (default: 2)")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="the rendezvous heartbeat_timeout the filesystem is judged against "
+                   "(default: 10)")
+    p.add_argument("--fs-client", action="append", metavar="PREFIX",
+                   help="check only the filesystem, through two clients: give twice a command "
+                   "prefix that runs a process on a client of DIR (e.g. 'ssh node1', 'nsenter "
+                   "--mount=/run/ns1 --'); without it, two nodes of the Slurm allocation")
     p.add_argument("--node-report", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fs-probe-side", choices=("A", "B", "auto"), help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
     return parser
 

@@ -4,7 +4,9 @@ Checks on this node: the shared directory is writable and supports the file lock
 needs; Slurm's commands exist, a controller answers, and accounting answers. Inside an
 allocation with several nodes (``salloc -N3`` then ``hpc-elastic doctor --dir /shared/x``) it also
 starts one report per node with ``srun`` and compares them: every node sees every other node's
-file, clocks agree within the tolerance, and python/torch versions match.
+file, clocks agree within the tolerance, and python/torch versions match -- and, on two of its
+nodes, how late one node sees another's rename and in-place write and whether their locks
+conflict (:mod:`hpc_elastic.fsprobe`; ``--fs-client`` twice does this through any two clients).
 """
 
 from __future__ import annotations
@@ -161,7 +163,66 @@ def check_across_nodes(directory: Path, clock_tolerance_s: float) -> list[Check]
     return checks
 
 
-def run_doctor(directory: Path, clock_tolerance_s: float = 2.0) -> list[Check]:
+def _probe_argv(directory: Path, role: str) -> list[str]:
+    return [sys.executable, "-m", "hpc_elastic", "doctor", "--fs-probe-side", role, "--dir",
+            str(directory)]
+
+
+def check_fs_coherence(directory: Path, heartbeat_timeout: float,
+                       clients: list[list[str]] | None = None) -> list[Check]:
+    """Cross-client visibility of a rename and an in-place write, and cross-node locks
+    (:mod:`hpc_elastic.fsprobe`), through two clients: the two command prefixes ``clients``,
+    or two nodes of this Slurm allocation."""
+    from hpc_elastic import fsprobe
+
+    name = "cross-node filesystem coherence"
+    probe = directory / ".hpc_elastic-doctor" / f"fsprobe-{uuid.uuid4().hex[:8]}"
+    probe.mkdir(parents=True, exist_ok=True)
+    try:
+        if clients:
+            sides = [subprocess.Popen([*prefix, *_probe_argv(probe, role)], text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+                     for prefix, role in zip(clients, "AB", strict=False)]
+            try:
+                outputs = [side.communicate(timeout=fsprobe.TOTAL_PATIENCE)[0] for side in sides]
+            except subprocess.TimeoutExpired:
+                for side in sides:
+                    side.kill()
+                return [Check(name, False, "the probes did not finish in time",
+                              "check that both commands reach the directory")]
+            output = "\n".join(outputs)
+        elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_JOB_NUM_NODES",
+                                                                  "1")) >= 2:
+            run = subprocess.run(["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                                  *_probe_argv(probe, "auto")], capture_output=True, text=True,
+                                 timeout=fsprobe.TOTAL_PATIENCE, stdin=subprocess.DEVNULL)
+            output = run.stdout + run.stderr
+        else:
+            return [Check(name, None, "run inside a multi-node allocation (salloc -N2 ...), or "
+                          "name two clients with --fs-client")]
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    result = fsprobe.parse_output(output)
+    if result is None:
+        return [Check(name, False, f"the probe gave no result: {' '.join(output.split())[-300:]}",
+                      "check that hpc_elastic is installed where the probes run")]
+    return [Check(title, v.ok, v.detail, v.fix)
+            for title, v in fsprobe.judge(result, heartbeat_timeout)]
+
+
+def run_fs_doctor(directory: Path, clients: list[list[str]],
+                  heartbeat_timeout: float) -> list[Check]:
+    """Only the shared-filesystem checks, through the given clients (``--fs-client``)."""
+    checks = [check_writable(directory)]
+    if not checks[0].ok:
+        return checks
+    checks.append(check_locks(directory))
+    return checks + check_fs_coherence(directory, heartbeat_timeout, clients)
+
+
+def run_doctor(directory: Path, clock_tolerance_s: float = 2.0,
+               heartbeat_timeout: float = 10.0) -> list[Check]:
     checks = [check_writable(directory)]
     checks.append(check_locks(directory) if checks[0].ok else
                   Check("file locks work (rendezvous)", None, "directory not writable"))
@@ -171,4 +232,6 @@ def run_doctor(directory: Path, clock_tolerance_s: float = 2.0) -> list[Check]:
     checks.append(check_accounting() if controller.ok else
                   Check("Slurm accounting", None, "no Slurm controller answers"))
     checks += check_across_nodes(directory, clock_tolerance_s)
+    if checks[0].ok:
+        checks += check_fs_coherence(directory, heartbeat_timeout)
     return checks
