@@ -229,3 +229,19 @@ def test_the_only_rank_of_a_one_rank_job_is_the_culprit() -> None:
     result = analyse("20260101-000000", [dump])
     assert result["evidence"] == "the only rank" and result["culprits"][0]["rank"] == 0
     assert result["message"] == "rank 0 (node n1) was busy (99% CPU) in train.py:9 (main)"
+
+
+def test_torchrun_hang_timeout_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_elastic.agent.torchrun_hangs import ENV_HANG_TIMEOUT, hang_timeout_from_env
+
+    monkeypatch.delenv(ENV_HANG_TIMEOUT, raising=False)
+    assert hang_timeout_from_env() == 300.0
+    for off in ("0", "off", "OFF"):
+        monkeypatch.setenv(ENV_HANG_TIMEOUT, off)
+        assert hang_timeout_from_env() is None
+    monkeypatch.setenv(ENV_HANG_TIMEOUT, "45")
+    assert hang_timeout_from_env() == 45.0
+    for bad in ("soon", "1", "nan"):
+        monkeypatch.setenv(ENV_HANG_TIMEOUT, bad)
+        with pytest.raises(ValueError, match="Fix:"):
+            hang_timeout_from_env()

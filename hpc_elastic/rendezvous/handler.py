@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -103,6 +104,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         self._beat_ok_at = time.monotonic()
         self._beat_failing_since: float | None = None
         self._fenced: FencedError | None = None
+        #: Called with (round, world size) each time this node completes a round, before the
+        #: agent starts the round's workers (under torchrun: the hang watch, see
+        #: hpc_elastic/agent/torchrun_hangs.py); ``on_shutdown`` when the rendezvous closes.
+        self.on_round: Callable[[int, int], None] | None = None
+        self.on_shutdown: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------- identity, getters
     @property
@@ -322,6 +328,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             round=state.round, rank=rank, world_size=world, master_addr=master_addr,
             master_port=int(port), duration_ms=round(elapsed * 1000, 3),
         )
+        if self.on_round is not None:
+            self.on_round(state.round, world)
         return RendezvousInfo(store, rank, world, RendezvousStoreInfo(master_addr, int(port)))
 
     def _raise_closed(self, state: State) -> None:
@@ -439,6 +447,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         if self._shut:
             return True
         self._shut = True
+        if self.on_shutdown is not None:
+            self.on_shutdown()
         self._stop_heartbeats()
         try:
             self.set_closed()

@@ -45,7 +45,16 @@ def create_from_parameters(params: RendezvousParameters) -> RendezvousHandler:
     if config.get("run_key") is None:
         config["run_key"] = default_run_key(params.min_nodes, params.max_nodes)
     settings = Settings.from_config(params.run_id, params.min_nodes, params.max_nodes, config)
-    return SharedFSRendezvousHandler(endpoint, settings, local_addr=params.local_addr)
+    handler = SharedFSRendezvousHandler(endpoint, settings, local_addr=params.local_addr)
+    # Hang detection for workers run as `torchrun ... -m hpc_elastic.worker SCRIPT`: torchrun's
+    # agent is torch's, so the watch hangs off this handler (agent/torchrun_hangs.py).
+    from hpc_elastic.agent import torchrun_hangs
+
+    try:
+        torchrun_hangs.install(handler)
+    except ValueError as err:
+        raise SharedFSConfigError(str(err)) from None
+    return handler
 
 
 def default_run_key(min_nodes: int, max_nodes: int) -> str | None:

@@ -21,7 +21,8 @@ At install the worker also registers Python's :mod:`faulthandler` for a real-tim
 carries the signal number, so the agent never sends a signal nobody registered (a real-time
 signal's default action is to terminate).
 
-Outside an hpc_elastic worker (no ``HPC_ELASTIC_WORKER_DIR``), everything is a no-op.
+Outside an hpc_elastic worker (no ``HPC_ELASTIC_WORKER_DIR``, and not a torchrun worker whose
+sharedfs rendezvous exported ``HPC_ELASTIC_PROGRESS_DIR``), everything is a no-op.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ DEFAULT_INTERVAL_S = 1.0
 # Step times are averaged over this window and logged as the rank's ``step_time_s`` metric.
 STEP_WINDOW_S = 10.0
 ENV_STEP_WINDOW = "HPC_ELASTIC_STEP_WINDOW"
+ENV_PROGRESS_DIR = "HPC_ELASTIC_PROGRESS_DIR"  # set by the sharedfs handler under torchrun
 
 
 class _Reporter:
@@ -168,10 +170,26 @@ def allow_parent_ptrace() -> None:
         pass
 
 
+def _torchrun_folder() -> str | None:
+    """Under plain torchrun with the sharedfs rendezvous, the folder its handler chose for this
+    round's workers (``HPC_ELASTIC_PROGRESS_DIR``, see hpc_elastic/agent/torchrun_hangs.py):
+    ``rank-<RANK>`` in it. It becomes this process's worker folder (metrics go there too)."""
+    base, rank = os.environ.get(ENV_PROGRESS_DIR), os.environ.get("RANK", "")
+    if not base or not rank.isdigit():
+        return None
+    folder = os.path.join(base, f"rank-{int(rank)}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return None
+    os.environ[ENV_WORKER_DIR] = folder
+    return folder
+
+
 def install() -> bool:
     """Start reporting for this process (idempotent); False outside an hpc_elastic worker."""
     global _reporter
-    folder = os.environ.get(ENV_WORKER_DIR)
+    folder = os.environ.get(ENV_WORKER_DIR) or _torchrun_folder()
     if not folder:
         return False
     with _lock:
