@@ -47,6 +47,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +293,47 @@ class JobDir:
         if not self.nodes.is_dir():
             return []
         return sorted(p.name for p in self.nodes.iterdir() if p.is_dir())
+
+
+FALLBACK_BASE = "hpc_elastic-logs-{uid}"
+
+
+def fallback_dir_path(jobdir: JobDir, uid: int | None = None) -> Path:
+    """Where an agent puts what its job directory cannot take (worker logs, the final event),
+    on its own node: ``$TMPDIR/hpc_elastic-logs-<uid>/<job directory's name>``. Only the path:
+    the agent creates it (``agent/worker_logs.py``), readers look whether it is there."""
+    base = FALLBACK_BASE.format(uid=os.getuid() if uid is None else uid)
+    return Path(tempfile.gettempdir()) / base / jobdir.path.name
+
+
+def fallback_events(jobdir: JobDir, node: str) -> Path:
+    """A node's final events that its job directory could not take (see ``agent/ending.py``)."""
+    return fallback_dir_path(jobdir) / "nodes" / _check_name(node) / EVENTS
+
+
+def readable_fallback(jobdir: JobDir) -> Path | None:
+    """This user's fallback directory of the job on *this* machine, when it exists and can be
+    trusted (the per-user base is a real directory of ours that nobody else may write), else
+    None. On the node that ran an agent (and in local mode) it holds what the job directory
+    could not take; elsewhere it is absent."""
+    folder = fallback_dir_path(jobdir)
+    try:
+        info = os.lstat(folder.parent)
+    except OSError:
+        return None
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid()
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        return None
+    return folder if folder.is_dir() and not folder.is_symlink() else None
+
+
+def fallback_node_names(jobdir: JobDir) -> list[str]:
+    """Nodes with files in this machine's fallback directory of the job (see above)."""
+    folder = readable_fallback(jobdir)
+    if folder is None or not (folder / "nodes").is_dir():
+        return []
+    return sorted(p.name for p in (folder / "nodes").iterdir()
+                  if p.is_dir() and not p.is_symlink() and _SAFE_NAME.match(p.name))
 
 
 def is_jobdir(path: Path) -> bool:

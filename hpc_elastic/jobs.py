@@ -8,7 +8,6 @@ up, rendezvous round, restarts, last failure) comes from the analysis of the job
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -19,7 +18,9 @@ from typing import Any
 
 from hpc_elastic import local, procs, slurm
 from hpc_elastic.analysis import Job
-from hpc_elastic.analysis.summary import NO_FINAL_EVENT, agents_gone, summarize
+from hpc_elastic.analysis.loader import fallback_nodes, last_record, node_names
+from hpc_elastic.analysis.summary import summarize
+from hpc_elastic.ended import agents_gone, slurm_job_state
 from hpc_elastic.jobdir import JobDir, jobdirs_under
 from hpc_elastic.members import read_members, spans_jobs
 from hpc_elastic.submit import Submission, read_submission
@@ -111,14 +112,6 @@ def queue_state(submission: Submission | None, jobdir: JobDir) -> str:
     return slurm_job_state(submission.job_id)
 
 
-def slurm_job_state(job_id: str) -> str:
-    """squeue (live), then sacct (after the end), then a plain explanation."""
-    if not slurm.slurm_available():
-        return "unknown (Slurm's commands are not on PATH here)"
-    return (slurm.job_state(job_id)
-            or "left the queue (sacct has no record: accounting off or lagging)")
-
-
 def job_status(jobdir: JobDir) -> JobStatus:
     submission = read_submission(jobdir)
     state = queue_state(submission, jobdir)
@@ -126,27 +119,9 @@ def job_status(jobdir: JobDir) -> JobStatus:
     members = [{"job_id": m.job_id, "kind": m.kind, "nodes": m.nodes, "tasks": m.tasks,
                 "state": state if m.job_id == lead else slurm_job_state(m.job_id)}
                for m in read_members(jobdir)]
-    summary = summarize(Job(jobdir))
-    if summary.get("status") == "running" and queue_ended(state):
-        # The queue says the job is over, but its agents left no final event (killed, or the
-        # job directory could not take it): whatever the files say, it no longer runs.
-        summary["status"] = "ended"
-        summary.setdefault("notes", []).append(NO_FINAL_EVENT)
+    # The queue says whether a job whose files say "running" has ended without a final event.
+    summary = summarize(Job(jobdir), queue_state=state)
     return JobStatus(jobdir, submission, state, summary, members)
-
-
-#: Slurm states of a job that may still run (or run again); anything else has ended.
-_LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED",
-                          "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED",
-                          "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"})
-
-
-def queue_ended(state: str) -> bool:
-    """Whether a queue state (``queue_state``'s answer) means the job has ended for good."""
-    if state == "ENDED" or state.startswith("left the queue"):
-        return True
-    word = state.split(" ", 1)[0]
-    return word.isupper() and word not in _LIVE_STATES
 
 
 def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
@@ -196,13 +171,20 @@ def cancel_job(jobdir: JobDir, wait_s: float = 60.0) -> str:
 
 def list_jobs(jobdirs: Path | Iterable[JobDir]) -> list[dict[str, Any]]:
     """The jobs under a root (or these job directories), newest first, with what can be known
-    without asking Slurm."""
+    from their files; Slurm's queue is asked only about a job whose files say it runs (or never
+    started), as ``status`` does, so a job that ended without a final event there says so."""
     rows = []
     for jobdir in jobdirs_under(jobdirs) if isinstance(jobdirs, Path) else jobdirs:
         submission = read_submission(jobdir)
         outcome = quick_outcome(jobdir)
-        if outcome == "running or unfinished" and agents_gone(jobdir):
-            outcome = "ended, no final event"
+        if outcome in ("running or unfinished", "not started"):
+            why = agents_gone(jobdir)
+            if why is not None:
+                said = f" ({why})" if why.startswith("the queue") else ""
+                # "not started": nothing in the job directory -- which may have been unable to
+                # take anything, so the job may well have run.
+                outcome = ("ended, no final event" if outcome != "not started"
+                           else "ended, no events") + said
         rows.append({
             "job_id": submission.job_id if submission else None,
             "mode": submission.mode if submission else None,
@@ -214,25 +196,25 @@ def list_jobs(jobdirs: Path | Iterable[JobDir]) -> list[dict[str, Any]]:
     return rows
 
 
+def _time_of(rec: dict[str, Any]) -> float:
+    t = rec.get("time")
+    return float(t) if isinstance(t, (int, float)) else 0.0
+
+
 def quick_outcome(jobdir: JobDir) -> str:
     """succeeded / failed / running-or-unfinished / not started, from each node's last event only
     (a 16 KiB read from the end of each file, so ``list`` stays fast on huge logs; a final event
-    with its traceback is a few KiB)."""
+    with its traceback is a few KiB). A final event the job directory could not take is read
+    from the agent's fallback directory when that is on this machine (local mode)."""
+    fallback = fallback_nodes(jobdir)
     last_kinds = []
-    for node in jobdir.node_names():
-        try:
-            with open(jobdir.events(node), "rb") as events:
-                events.seek(0, os.SEEK_END)
-                events.seek(max(0, events.tell() - 16384))
-                lines = events.read().splitlines()
-        except OSError:
-            continue
-        for line in reversed(lines):
-            try:
-                last_kinds.append(json.loads(line)["kind"])
-                break
-            except (ValueError, KeyError):
-                continue
+    for node in node_names(jobdir):
+        found = [last_record(jobdir.events(node))]
+        if node in fallback:
+            found.append(last_record(fallback[node]))
+        recs = [rec for rec in found if rec is not None]
+        if recs:
+            last_kinds.append(max(recs, key=_time_of)["kind"])
     if not last_kinds:
         return "not started"
     if "agent.failed" in last_kinds:

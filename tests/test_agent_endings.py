@@ -24,7 +24,7 @@ from hpc_elastic.analysis.summary import summarize
 from hpc_elastic.config import load_config
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.jobs import job_status, list_jobs
-from hpc_elastic.submit import create_jobdir
+from hpc_elastic.submit import Submission, create_jobdir, write_submission
 from hpc_elastic.telemetry import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -211,6 +211,64 @@ def test_a_read_only_job_directory_puts_the_final_event_in_the_fallback(
     assert last["failures"][0]["exitcode"] == 1, last
     assert str(fallback / "events.jsonl") in result.stderr
     assert "failing" in (fallback / "workers/attempt-0/restart-0/rank-0/stdout.log").read_text()
+
+
+FAKE_SLURM = Path(__file__).resolve().parent / "fake_slurm"
+
+
+def cli(*args: str, tmpdir: Path, fake: Path) -> subprocess.CompletedProcess:
+    """``hpc-elastic ARGS`` with the queue of tests/fake_slurm and this TMPDIR."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", *args], capture_output=True, text=True,
+        timeout=120, env={**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}",
+                          "FAKE_SLURM_DIR": str(fake), "TMPDIR": str(tmpdir)})
+
+
+def test_a_slurm_job_whose_job_directory_was_read_only_is_not_running_for_ever(
+        tmp_path: Path, read_only_nodes: JobDir) -> None:
+    """Issue 14, gap A: the agent (on "node" local0, its TMPDIR tmp/) could write its final
+    event only to its fallback directory. ``list`` and ``logs summary`` must say how the job
+    ended: from the fallback when it is on this machine, else from the queue -- and where the
+    final event is -- never "running" or "not started"."""
+    jobdir = read_only_nodes
+    write_submission(jobdir, Submission(mode="slurm", job_id="4242", submitted_at=time.time(),
+                                        name="ending"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "4242",
+             "TMPDIR": str(tmp_path / "tmp")})
+    assert result.returncode == 1, result.stderr[-3000:]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sacct-4242").write_text("FAILED\n")
+    root = str(jobdir.path.parent)
+
+    # On the login node (another TMPDIR): only the queue can tell.
+    login = tmp_path / "login-tmp"
+    login.mkdir()
+    rows = json.loads(cli("list", "--root", root, "--json", tmpdir=login, fake=fake).stdout)
+    assert rows[0]["outcome"].startswith("ended") and "the queue says FAILED" in rows[0]["outcome"]
+    summary = cli("logs", "summary", str(jobdir.path), tmpdir=login, fake=fake)
+    said = summary.stdout + summary.stderr
+    assert "the queue says FAILED" in said, said
+    where = f"$TMPDIR/hpc_elastic-logs-{os.getuid()}/{jobdir.path.name}/nodes/<node>/events.jsonl"
+    assert where in said, said
+    # Still in the queue: nobody may call it ended.
+    (fake / "queue-4242").write_text("RUNNING")
+    rows = json.loads(cli("list", "--root", root, "--json", tmpdir=login, fake=fake).stdout)
+    assert not rows[0]["outcome"].startswith("ended"), rows
+    (fake / "queue-4242").unlink()
+
+    # On the node itself: the final event is read from the fallback, with the worker's exit.
+    node_tmp = tmp_path / "tmp"
+    rows = json.loads(cli("list", "--root", root, "--json", tmpdir=node_tmp, fake=fake).stdout)
+    assert rows[0]["outcome"] == "failed", rows
+    summary = cli("logs", "summary", str(jobdir.path), "--json", tmpdir=node_tmp, fake=fake)
+    data = json.loads(summary.stdout)
+    assert data["status"] == "failed", data
+    assert data["root_cause"] is not None and data["root_cause"]["node"] == "local0", data
+    assert any("were read from" in note for note in data["notes"]), data["notes"]
 
 
 SLEEPER = "import time\ntime.sleep(600)\n"

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
 from hpc_elastic.identity import LOCAL_NODE_NAME
-from hpc_elastic.jobdir import JobDir, JobDirError, make_dir
+from hpc_elastic.jobdir import JobDir, JobDirError, fallback_dir_path, make_dir
 from hpc_elastic.telemetry.schema import ENV_WORKER_DIR
 
 
@@ -95,6 +94,6 @@ def fallback_dir(jobdir: JobDir) -> Path:
     """This user's own directory for logs the job directory cannot take, on the node's local
     disk: ``$TMPDIR/hpc_elastic-logs-<uid>/<job>``. Per user and checked (owned by this user,
     not a link, nobody else may write it), since ``/tmp`` is shared with everybody."""
-    base = make_dir(Path(tempfile.gettempdir()) / f"hpc_elastic-logs-{os.getuid()}",
-                    share_with_group=False)
-    return base / jobdir.path.name
+    folder = fallback_dir_path(jobdir)
+    make_dir(folder.parent, share_with_group=False)
+    return folder

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from hpc_elastic.ended import agents_gone, no_final_event_note
+
 from . import failures, hangs, metrics, summary, timeline
 from .fmt import emit_json, footer
 from .loader import Job, JobNotFound, open_job
@@ -61,8 +63,13 @@ def run(command: str, args: argparse.Namespace) -> int:
     except JobNotFound as exc:
         _err(str(exc))
         return 2
-    if not job.dir.node_names():
-        _err(f"{job.path}: no logs yet (no nodes/<node>/ directory)")
+    if not job.nodes():
+        why = agents_gone(job.dir)
+        if why is None:
+            _err(f"{job.path}: no logs yet (no nodes/<node>/ directory)")
+        else:
+            _err(f"{job.path}: no logs in the job directory; "
+                 + no_final_event_note(job.dir, [], why))
         return 1
     as_json = bool(getattr(args, "json", False))
     try:

@@ -11,12 +11,20 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc_elastic.jobdir import JobDir, find_jobdir
+from hpc_elastic.jobdir import (
+    JobDir,
+    fallback_events,
+    fallback_node_names,
+    find_jobdir,
+    readable_fallback,
+)
+from hpc_elastic.members import read_members
 from hpc_elastic.telemetry.jsonl import MAX_LINE_BYTES, ReadStats, read_jsonl
 from hpc_elastic.telemetry.schema import SCHEMA_VERSION
 
@@ -62,7 +70,7 @@ class Job:
 
     def nodes(self) -> list[str]:
         """Node directories present; a node named in the config but absent is noted."""
-        names = self.dir.node_names()
+        names = node_names(self.dir)
         expected = _expected_nodes(self.dir)
         if expected is not None and len(names) < expected:
             self.note(f"{expected - len(names)} of {expected} configured node(s) wrote no "
@@ -110,8 +118,19 @@ class Job:
                 self.note(f"{what}: skipped {no_time} line(s) without a valid 'time'")
 
     def events(self, node: str) -> Iterator[dict[str, Any]]:
-        """One node's events in file order (nearly time order)."""
-        return self.records(self.dir.events(node), f"events of {node}", node)
+        """One node's events in file order (nearly time order). Events the job directory could
+        not take (read-only, lost) are in the agent's fallback directory on its node: read from
+        there too when this is that machine (local mode; a command run on the node)."""
+        path = self.dir.events(node)
+        fallback = fallback_nodes(self.dir).get(node)
+        if fallback is None:
+            return self.records(path, f"events of {node}", node)
+        self.note(f"events of {node}: some were read from {fallback} on this machine (the job "
+                  "directory could not take them)")
+        streams = [reorder(self.records(fallback, f"fallback events of {node}", node))]
+        if path.exists():
+            streams.append(reorder(self.records(path, f"events of {node}", node)))
+        return heapq.merge(*streams, key=_time_key)
 
     def merged_events(self, nodes: Iterable[str] | None = None) -> Iterator[dict[str, Any]]:
         """All nodes' events in time order: a k-way merge of per-node, locally reordered streams."""
@@ -135,6 +154,54 @@ class Job:
         if not workers.is_dir():
             return []
         return sorted(workers.glob("attempt-*/restart-*/rank-*/metrics.jsonl"))
+
+
+def node_names(jd: JobDir) -> list[str]:
+    """Nodes that wrote anything: into the job directory, or into this machine's fallback
+    directory of the job (see :meth:`Job.events`)."""
+    return sorted(set(jd.node_names()) | set(fallback_nodes(jd)))
+
+
+def fallback_nodes(jd: JobDir) -> dict[str, Path]:
+    """This machine's fallback event files of the job, by node: only those whose last event
+    names one of the job's Slurm jobs (or its local job id), since the fallback directory is
+    named after the job directory alone and a directory made by hand may share its name."""
+    if readable_fallback(jd) is None:
+        return {}
+    try:
+        job_id = str(json.loads(jd.submission.read_text(encoding="utf-8"))["job_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # nothing to match the files against
+    ids = {job_id, *(m.job_id for m in read_members(jd))}
+    found = {}
+    for node in fallback_node_names(jd):
+        path = fallback_events(jd, node)
+        rec = last_record(path)
+        owner = str(rec.get("job_id")) if rec is not None else ""
+        if owner in ids or owner.split("_", 1)[0] in ids:  # an array task: <array>_<task>
+            found[node] = path
+    return found
+
+
+def last_record(path: Path, tail: int = 16384) -> dict[str, Any] | None:
+    """The last whole record of a JSON-lines file with a ``kind``, from a read of its last
+    ``tail`` bytes (``list`` stays fast on huge logs; a final event with its traceback is a few
+    KiB)."""
+    try:
+        with open(path, "rb") as events:
+            events.seek(0, os.SEEK_END)
+            events.seek(max(0, events.tell() - tail))
+            lines = events.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("kind"), str):
+            return rec
+    return None
 
 
 def _time_key(rec: dict[str, Any]) -> float:

@@ -19,15 +19,14 @@ again), and each requeue (from the preemption signal until the next attempt trai
 
 from __future__ import annotations
 
-import json
 import time
 from itertools import pairwise
 from typing import Any
 
+from hpc_elastic.ended import agents_gone, no_final_event_note, queue_ended
 from hpc_elastic.excluded import read_excluded
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.members import ARRAY, read_members, spans_jobs
-from hpc_elastic.procs import is_same, live_agents, recorded_launcher
 
 from .fmt import dur, footer, iso
 from .loader import Job
@@ -50,26 +49,6 @@ def status_of(m: JobModel) -> str:
     if "shutdown" in values:
         return "cancelled"
     return "running"
-
-
-#: Said when the agents are gone but left no final event in the job directory.
-NO_FINAL_EVENT = ("the agents ended without a final event in the job directory (killed, or it "
-                  "could not be written: read-only or lost); an agent that could say why said it "
-                  "on its stderr (Slurm's log of the node) and in $TMPDIR/hpc_elastic-logs-<uid>/"
-                  " on its node")
-
-
-def agents_gone(jobdir: JobDir) -> bool:
-    """A local job whose launcher recorded its agents, none of which is alive any more. (A
-    Slurm job's agents are asked about through the queue: ``status`` does that.)"""
-    try:
-        mode = json.loads(jobdir.submission.read_text(encoding="utf-8")).get("mode")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if mode != "local" or not jobdir.local_agents.is_file() or live_agents(jobdir):
-        return False
-    launcher = recorded_launcher(jobdir)
-    return launcher is None or not is_same(launcher)
 
 
 def _segments(m: JobModel) -> list[tuple[str, float, float]]:
@@ -120,18 +99,31 @@ def _lost_for_good(m: JobModel) -> set[str]:
             if loss["last_event"] == m.health[loss["node"]].last}
 
 
-def summarize(job: Job, now: float | None = None) -> dict[str, Any]:
+def summarize(job: Job, now: float | None = None, queue_state: str | None = None
+              ) -> dict[str, Any]:
     """The summary as a JSON-ready dict (the text output is rendered from it).
 
     A job whose agents have not ended (status ``running``) is still using its time: its clock
     and its last phase run to ``now`` (default: the current time), not to its last event, which
     may be minutes old while training goes well (``clock_to_now`` says so).
+
+    Files that say "running" are checked against the agents' processes (local mode) or the
+    queue (Slurm; ``queue_state`` when the caller asked already): a job that ended without a
+    final event in the job directory is ``ended``, and a note says where its final events are.
     """
     m = build(job)
     status = status_of(m)
-    if status == "running" and agents_gone(job.dir):
-        status = "ended"
-        job.note(NO_FINAL_EVENT)
+    if status in ("running", "unknown"):  # unknown: no events at all in the job directory
+        if queue_state is None:
+            why = agents_gone(job.dir)
+        else:
+            why = (None if not queue_ended(queue_state) else "its agents are gone"
+                   if queue_state == "ENDED" else f"the queue says {queue_state}")
+        if why is not None:
+            status = "ended"
+            ended = m.terminal.get(max(m.attempts), {}) if m.attempts else {}
+            job.note(no_final_event_note(JobDir(job.path),
+                                         [n for n in m.nodes if n not in ended], why))
     end = m.last_event
     running = status == "running" and end is not None and bool(m.attempts)
     if running:
