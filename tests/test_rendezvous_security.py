@@ -241,3 +241,62 @@ def test_two_unrelated_torchrun_runs_with_one_rdzv_id_do_not_merge(tmp_path):
         assert cluster.nodes["first"].poll() is None, "the first run goes on undisturbed"
     finally:
         cluster.cleanup()
+
+
+def _torchrun(cluster: Cluster, name: str, nnodes: str) -> None:
+    """One node of a torchrun run; every call has the same command line (only the log differs)."""
+    cluster.start(name, [
+        sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=sharedfs",
+        f"--rdzv-endpoint={cluster.root}", "--rdzv-id=same", f"--nnodes={nnodes}",
+        "--nproc-per-node=1", "--local-addr=127.0.0.1", "--monitor-interval=0.1",
+        "--rdzv-conf=heartbeat_interval=0.25,heartbeat_timeout=1.5,last_call_timeout=1",
+        str(WORKER), "--out", str(cluster.out), "--steps", "3000", "--step-time", "0.1"])
+
+
+def _training_world(cluster: Cluster, world: int, name: str) -> None:
+    deadline = time.monotonic() + 90
+    while not [r for r in cluster.records("progress") if r["world"] == world]:
+        assert time.monotonic() < deadline, cluster.log(name)
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_two_torchrun_runs_with_identical_command_lines_do_not_merge(tmp_path, nodes):
+    """Issue 14, gap B: outside a batch system, a second run with the same --rdzv-id *and* the
+    same command line is refused while the first one trains with all its nodes -- the nodes of
+    the first run (same id, same command) still form one run."""
+    cluster = Cluster(tmp_path)
+    for name in ("HPC_ELASTIC_RUN_KEY", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID"):
+        cluster.env.pop(name, None)
+    try:
+        for n in range(nodes):
+            _torchrun(cluster, f"first{n}", str(nodes))
+        _training_world(cluster, nodes, "first0")
+        _torchrun(cluster, "second", str(nodes))
+        rc = cluster.wait("second", 60)
+        assert rc != 0, cluster.log("second")
+        assert "RunIdInUseError" in cluster.log("second"), cluster.log("second")
+        assert {r["world"] for r in cluster.records("progress")} == {nodes}, "the runs merged"
+        for n in range(nodes):
+            assert cluster.nodes[f"first{n}"].poll() is None, cluster.log(f"first{n}")
+    finally:
+        cluster.cleanup()
+
+
+def test_the_run_key_comes_from_what_the_nodes_of_one_run_share(monkeypatch):
+    from hpc_elastic.rendezvous.torchrun_plugin import default_run_key
+
+    for name in ("HPC_ELASTIC_RUN_KEY", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/torchrun", "--nnodes=1", "train.py"])
+    assert default_run_key(1, 1) != default_run_key(1, 1), "two single-node launches, one key"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/torchrun", "--nnodes=2", "train.py"])
+    assert default_run_key(2, 2) == default_run_key(2, 2)
+    assert default_run_key(2, 2).startswith("cmd-")
+    monkeypatch.setenv("PBS_JOBID", "123.server")
+    pbs = default_run_key(1, 1)
+    assert pbs.startswith("pbs-") and pbs == default_run_key(2, 2)
+    monkeypatch.setenv("HPC_ELASTIC_RUN_KEY", "run 7/b")  # any text: digested into a key
+    env_key = default_run_key(1, 1)
+    assert env_key.startswith("env-") and env_key == default_run_key(1, 1)

@@ -35,7 +35,7 @@ from .events import DEFAULT_DESTINATION, EventEmitter, logger
 from .heartbeat import UNKNOWN, HeartbeatWriter, LivenessObserver, watch_set
 from .layout import RunLayout
 from .locking import probe_flock
-from .settings import Settings
+from .settings import COMMAND_KEY_PREFIX, Settings
 from .state import COMPLETE, JOINING, FsOps, Head, State, StateFile
 from .store import SharedDirStore
 
@@ -188,7 +188,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             state = self._state_file.read()
         except (OSError, SharedFSRendezvousError):
             return  # the join itself retries and reports
-        if state is None or state.closed or state.key in (None, s.run_key):
+        if state is None or state.closed or state.key is None:
+            return
+        if state.key == s.run_key:
+            if s.run_key.startswith(COMMAND_KEY_PREFIX):
+                self._refuse_if_not_needed(state, deadline)
             return
         foreign = state.key
         others = [m for m in protocol.members(state) if m != self._node]
@@ -208,6 +212,42 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(done)
 
         self._report(done, self._state_file.transact(change))
+
+    def _refuse_if_not_needed(self, state: State, deadline: float) -> None:
+        """A key from the command line (torchrun outside a batch system) cannot tell two runs
+        with identical commands apart. A node of the run that needs it -- forming, short of
+        ``max_nodes``, or replacing a lost member -- is welcome; a fresh node that a run already
+        training with all its ``max_nodes`` alive does not need is another run: refused."""
+        s = self._settings
+        live = [p for p in state.participants if p not in state.dead and p != self._node]
+        if (state.phase != COMPLETE or self._node in state.participants
+                or len(live) < s.max_nodes or not self._all_heartbeats_move(live, deadline)):
+            return
+        raise RunIdInUseError(
+            f"The rendezvous run id {s.run_id!r} in {str(self.run_dir)!r} is in use by a run "
+            f"started with the same command line that is training with all its {len(live)} "
+            f"node(s) alive (--nnodes max {s.max_nodes}), so this node is not part of it. Two "
+            "separate runs must not share a run id: pass another --rdzv-id (or set "
+            "HPC_ELASTIC_RUN_KEY to one value per run on every node of it). Standby nodes of a "
+            "run outside a batch system need that too: start every node of the run with the "
+            "same HPC_ELASTIC_RUN_KEY (or --rdzv-conf run_key=NAME)."
+        )
+
+    def _all_heartbeats_move(self, nodes: list[str], deadline: float) -> bool:
+        """Whether every one of ``nodes`` shows a moving heartbeat within
+        ``heartbeat_timeout``."""
+        watcher = LivenessObserver(self._layout.heartbeats, self._settings.heartbeat_timeout,
+                                   self.fs_ops)
+        first = {n: watcher.read(n) for n in nodes}
+        pending = set(nodes)
+        end = min(deadline, time.monotonic() + self._settings.heartbeat_timeout)
+        while pending and time.monotonic() < end:
+            time.sleep(min(self._settings.heartbeat_interval / 2, max(0.0, end - time.monotonic())))
+            for node in list(pending):
+                value = watcher.read(node)
+                if value is not UNKNOWN and first[node] is not UNKNOWN and value != first[node]:
+                    pending.discard(node)
+        return not pending
 
     def _any_heartbeat_moves(self, nodes: list[str], deadline: float) -> str | None:
         """The first of ``nodes`` whose counter changes within ``heartbeat_timeout``."""

@@ -75,6 +75,11 @@ def _seconds(key: str, value: Any) -> float:
     return seconds
 
 
+#: Run keys that torchrun derives from its command line (torchrun_plugin.default_run_key): the
+#: only kind that cannot tell two runs apart, so the handler checks such runs' need for a node.
+COMMAND_KEY_PREFIX = "cmd-"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that shapes one node's behaviour in the rendezvous.
@@ -96,8 +101,10 @@ class Settings:
     poll_interval_max: float = DEFAULTS["poll_interval_max"]
     lock_mode: str = DEFAULTS["lock_mode"]
     attempt: str | None = None
-    #: Which run this node belongs to, when the run id alone may not say (torchrun: the Slurm
-    #: job, or a digest of the command line). Nodes with another key find the run id taken.
+    #: Which run this node belongs to, when the run id alone may not say (torchrun:
+    #: $HPC_ELASTIC_RUN_KEY, the batch job, the launch itself for one node, or a digest of the
+    #: command line; see torchrun_plugin.default_run_key). Nodes with another key find the run
+    #: id taken.
     run_key: str | None = None
 
     def __post_init__(self) -> None:

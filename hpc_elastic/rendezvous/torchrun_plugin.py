@@ -15,7 +15,10 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import socket
 import sys
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,31 +60,61 @@ def create_from_parameters(params: RendezvousParameters) -> RendezvousHandler:
     return handler
 
 
+#: What every node of one run shares when a launcher started them: set by the user's launch script
+#: (one value per run, e.g. ``uuidgen``), or the job id of the batch system that runs them.
+RUN_KEY_ENV = "HPC_ELASTIC_RUN_KEY"
+_SCHEDULER_JOB_ENVS = (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID"), ("lsf", "LSB_JOBID"),
+                       ("flux", "FLUX_JOB_ID"))
+
+
 def default_run_key(min_nodes: int, max_nodes: int) -> str | None:
     """What tells this torchrun's run apart from an unrelated one that uses the same --rdzv-id.
 
-    Inside Slurm: the job id (every node of one torchrun job runs in the same Slurm job).
-    Otherwise: a digest of what every node of one run has in common on its command line --
-    ``--nnodes``, ``--nproc-per-node`` and the training command with its arguments (not
-    ``--node-rank`` or ``--local-addr``, which differ per node). Two runs launched with
-    identical commands cannot be told apart (use distinct --rdzv-id values). ``None`` when
-    this process is not torchrun: no check, as before. ``--rdzv-conf run_key=...`` overrides.
+    In order: ``$HPC_ELASTIC_RUN_KEY`` (a launch script sets one value on every node of a run);
+    the batch system's job id (Slurm, PBS, LSF, Flux: every node of one torchrun job runs in
+    the same batch job). Otherwise:
+
+    * ``--nnodes=1`` (no other node ever belongs to the run): a key of this launch alone, so
+      a second run with the same id and command line is refused while this one lives;
+    * several nodes: a digest of what every node of one run has in common on its command line --
+      ``--nnodes``, ``--nproc-per-node`` and the training command with its arguments (not
+      ``--node-rank`` or ``--local-addr``, which differ per node). Such a key cannot tell two
+      runs with identical commands apart; the handler refuses a node that a run already
+      training with all its nodes alive does not need (``SharedFSRendezvousHandler``).
+
+    ``None`` when this process is not torchrun: no check, as before. ``--rdzv-conf run_key=``
+    overrides all of this.
     """
-    job = os.environ.get("SLURM_JOB_ID", "")
-    if re.fullmatch(r"[0-9]{1,20}", job):
-        return f"slurm-{job}"
+    given = os.environ.get(RUN_KEY_ENV, "")
+    if given:
+        return _as_key("env", given)
+    for scheduler, name in _SCHEDULER_JOB_ENVS:
+        job = os.environ.get(name, "")
+        if scheduler == "slurm" and re.fullmatch(r"[0-9]{1,20}", job):
+            return f"slurm-{job}"  # as before: readable in the state and in messages
+        if job and scheduler != "slurm":
+            return _as_key(scheduler, job)
     if os.path.basename(sys.argv[0]) not in ("torchrun", "run.py"):
         return None
+    if max_nodes == 1:
+        launch = [socket.gethostname(), os.getpid(), time.time_ns(), secrets.token_hex(8)]
+        return _as_key("solo", json.dumps(launch))
     try:
         from torch.distributed.run import parse_args
 
         args = parse_args(sys.argv[1:])
     except (Exception, SystemExit):
         return None
+    from .settings import COMMAND_KEY_PREFIX
+
     what = [min_nodes, max_nodes, str(args.nproc_per_node), bool(args.module),
             bool(args.no_python), args.training_script, list(args.training_script_args)]
-    digest = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-    return f"cmd-{digest}"
+    return _as_key(COMMAND_KEY_PREFIX.rstrip("-"), json.dumps(what))
+
+
+def _as_key(kind: str, value: str) -> str:
+    """``kind-<digest>``: any text becomes a valid key of fixed length."""
+    return f"{kind}-{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
 
 def sharedfs_handler_creator():
