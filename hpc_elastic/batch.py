@@ -57,6 +57,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hpc_elastic.batch_heartbeat import SupervisorHeartbeat
 from hpc_elastic.config import JobConfig
 from hpc_elastic.excluded import exclude_node, excluded_names
 from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
@@ -435,7 +436,17 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
                allocated=allocated, excluded=sorted(excluded), nodes=nodes[:wanted],
                host=env.get("SLURMD_NODENAME") or socket.gethostname())
     stop = _Stop(config.preemption.signal)
+    heartbeat = None
     try:
+        if job_id:
+            # The agents watch it: when it stops, the batch host is lost, and they requeue the
+            # job (hpc_elastic/batch_heartbeat.py).
+            try:
+                heartbeat = SupervisorHeartbeat(jobdir, job_id, attempt,
+                                                config.rendezvous.heartbeat_interval)
+            except OSError as exc:
+                log.record("batch.heartbeat_failed", f"no supervisor heartbeat: {exc}; the "
+                           "agents will not notice the loss of this node", error=str(exc))
         if len(nodes) < config.min_nodes:
             log.record("batch.not_started", f"only {len(nodes)} usable node(s), "
                        f"min {config.min_nodes}", nodes=nodes)
@@ -452,6 +463,8 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
                    outcome=supervisor.outcome, generation=supervisor.generation)
         return rc
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         log.close()
 
 

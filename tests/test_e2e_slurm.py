@@ -269,6 +269,64 @@ def test_hot_spare_keeps_the_world_size_after_a_node_loss(
         slurm_cluster.heal()
 
 
+def test_batch_host_loss_requeues_and_resumes_without_it(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """The batch host (the supervisor's node, where every agent step's srun runs) is power-cut.
+    Slurm alone never ends or requeues such a ``--no-kill`` job (measured: it stays RUNNING on
+    the other nodes without a batch script), so the surviving agents notice the supervisor's
+    heartbeat stop, checkpoint as after a preemption signal, exclude the batch host and requeue
+    the job (one of them). Attempt 1 resumes from that checkpoint on nodes without it, and the
+    summary counts the requeue."""
+    result = subprocess.run(
+        submit_args(tmp_path, "--set", "nodes=2:3", "--set", "preemption.grace=30", "--set",
+                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+        capture_output=True, text=True, timeout=60, env=env_of(slurm_cluster),
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    jobdir = the_jobdir(tmp_path)
+    job_id = int(job_id_of(jobdir))
+    try:
+        wait_for("3 nodes training", lambda: len(training_nodes(jobdir)) == 3, timeout=120)
+        wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
+        host = (slurm_cluster.scontrol_job(job_id) or {}).get("BatchHost", "")
+        cut_at = time.time()
+        power_cut(slurm_cluster, host)
+        wait_for("the agents' requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {}).get(
+            "Restarts") == "1", timeout=90)
+        requeued_s = time.time() - cut_at
+        wait_for("the requeued job pending", lambda: slurm_cluster.job_state(job_id)
+                 == "PENDING", timeout=60 + 3 * slurmd_timeout(slurm_cluster))
+        pending_s = time.time() - cut_at
+        slurm_cluster.release(job_id)
+        state = slurm_cluster.wait_job(job_id, timeout=240)
+        assert state == "COMPLETED", slurm_logs(jobdir)
+    finally:
+        if slurm_cluster.job_state(job_id) not in (None, "COMPLETED", "CANCELLED", "FAILED"):
+            slurm_cluster.run(["scancel", str(job_id)])
+    try:
+        print(f"batch host {host} cut -> requeued {requeued_s:.1f} s, pending (Slurm marked it "
+              f"down) {pending_s:.1f} s")
+        summary = summary_json(jobdir)
+        summary_text(jobdir)
+        assert summary["status"] == "succeeded" and summary["attempts"] == 2
+        assert summary["requeues"] == 1
+        assert any(d["kind"] == "requeue" for d in summary["disruptions"])
+        assert [x["node"] for x in summary["excluded_nodes"]] == [host]
+        lost = [e for n in jobdir.node_names() if n != host for e in node_events(jobdir, n)
+                if e["kind"] == "batch.lost"]
+        assert lost and all(e["host"] == host for e in lost)
+        last = [r for r in summary["rendezvous_rounds"] if r["attempt"] == 1]
+        assert last and all(host not in r["participants"] for r in last)
+        starts = [int(m.group(3)) for p in
+                  jobdir.path.glob("nodes/*/workers/attempt-1/restart-0/rank-0/stdout.log")
+                  if (m := RESUMED.search(p.read_text()))]
+        assert starts and min(starts) >= 10, starts
+        assert_nothing_left(slurm_cluster, jobdir)
+    finally:
+        slurm_cluster.heal()
+
+
 # -- 6. stale directory ----------------------------------------------------------------------
 
 def test_second_job_is_not_confused_by_a_crashed_first_ones_leftovers(

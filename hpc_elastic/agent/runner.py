@@ -34,7 +34,9 @@ from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
 from hpc_elastic.agent.storm import StormGuard, failure_signature, hang_signature
 from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
+from hpc_elastic.batch_heartbeat import SupervisorWatch, batch_host
 from hpc_elastic.config import JobConfig, load_config
+from hpc_elastic.excluded import exclude_node
 from hpc_elastic.identity import NodeIdentity
 from hpc_elastic.jobdir import JobDir, umask_for
 from hpc_elastic.rendezvous import create_handler
@@ -282,8 +284,16 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         stragglers=(StragglerWatch(jobdir, ident.node, events.record, config.stragglers)
                     if config.stragglers != "off" else None),
     )
+    watch = None
     if handles_preemption:
         preemption.install()
+        if ident.in_slurm:
+            watch = SupervisorWatch(
+                jobdir, ident.job_id, ident.attempt, rdzv.heartbeat_interval,
+                rdzv.heartbeat_timeout,
+                lambda silent: _batch_host_lost(jobdir, ident, silent, events.record,
+                                                preemption.signum))
+            watch.start()
     elif ident.is_member:
         _leave_on_signal(preemption.signum)
 
@@ -293,7 +303,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                   member=ident.is_member)
     started = time.monotonic()
     try:
-        result = agent.run(ROLE)
+        result = _run_watched(agent, watch)
     except RendezvousClosedError as err:
         if not ident.is_member:
             # Another node ended the run for good (its restarts ran out, or its restart-storm
@@ -335,6 +345,37 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
          "message": failure_message(f.message)} for rank, f in result.failures.items()])
     telemetry.close()
     return EXIT_FAILED
+
+
+def _run_watched(agent: LocalElasticAgent, watch: SupervisorWatch | None) -> RunResult | None:
+    """``agent.run``; the supervisor watch ends with it (the supervisor's own end, after the
+    agents', must not look like a lost batch host)."""
+    try:
+        return agent.run(ROLE)
+    finally:
+        if watch is not None:
+            watch.stop()
+
+
+def _batch_host_lost(jobdir: JobDir, ident: NodeIdentity, silent: float,
+                     record: Callable[..., None], signum: int) -> None:
+    """The batch supervisor's heartbeat stopped (hpc_elastic/batch_heartbeat.py): nothing else
+    will end or requeue this job, so the agents do, as after a preemption signal -- delivered to
+    this very process, so that the preemption handler runs in the main thread as usual. The
+    batch host is excluded from the run, unless it is this node (then only the supervisor
+    died, and this node is fine)."""
+    host = batch_host(jobdir, ident.job_id, ident.attempt)
+    excluded = False
+    if host and host != ident.node:
+        try:
+            exclude_node(jobdir, host, f"the batch host of attempt {ident.attempt} was lost "
+                         f"(its supervisor's heartbeat stopped for {silent:.1f} s)",
+                         ident.job_id, ident.attempt)
+            excluded = True
+        except (OSError, ValueError):  # a full disk, a name that is no file name: still requeue
+            pass
+    record("batch.lost", host=host, silent_s=round(silent, 3), excluded=excluded)
+    os.kill(os.getpid(), signum)
 
 
 def _leave_on_signal(signum: int) -> None:

@@ -78,6 +78,9 @@ DIRECT_KINDS: dict[str, str] = {
     "result): rank, local_rank, exitcode, pid, restart_count, message, error_file, signal",
     "preemption.signal": "a preemption / time-limit signal arrived: signal, grace_s, forwarded_to",
     "requeue": "this node requeues the job: reason, claim",
+    "batch.lost": "the batch supervisor's heartbeat stopped (its node, the batch host, is most "
+    "likely lost): the agents checkpoint and requeue as after a preemption signal: host, "
+    "silent_s, excluded",
     "requeue.failed": "the requeue failed: error",
     "agent.preempted": "the agent ends after a preemption: requeued_by_this_node",
     "agent.succeeded": "the agent ends, workers succeeded: elapsed_s",
