@@ -1,0 +1,384 @@
+"""Goodput under a fault storm on the Slurm test cluster: hpc_elastic against plain torchrun c10d.
+
+    .venv/bin/python benchmarks/bench_goodput.py            # ~5 min of training per launcher
+    .venv/bin/python benchmarks/bench_goodput.py --smoke    # one short run each, one fault
+
+# smoke: slurm
+
+The same job, ``examples/train.py`` with 2 workers per node on ``nodes 2:3`` (3 of the cluster's
+4 nodes), is run twice on the private Slurm test cluster (tests/slurm_cluster): once submitted
+with ``hpc-elastic submit``, once by a plain batch script, ``srun torchrun --rdzv-backend=c10d``
+with the store on the job's first node and the same ``--max-restarts``. Both get the same fault
+schedule, counted from the moment training first started: one fault every ``--interval``
+seconds, in this order -- a worker crash (SIGKILL of one worker), a node power cut (every
+process of the node SIGKILLed), a preemption (``scancel --signal=USR1``; after 20 s the
+"scheduler" requeues the job itself if it has not been requeued), a node freeze (SIGSTOP of the
+whole node, thawed 20 s later), then again from the start. Node faults never hit the batch host
+(the first node: torch's store; hpc_elastic's supervisor). A power-cut node is healed (new
+slurmd) 20 s later, as a repaired node would come back. Every requeued job that pends is
+released at once (``StartTime=now+2``) for both launchers: Slurm's ~2 min ``BeginTime`` hold
+after a requeue is a property of the queue, not of the launcher.
+
+Goodput = kept progress / wall time. Wall time runs from the submission to the job's end (or
+to ``--cap`` x the duration, when a launcher never finishes). Kept progress = the global steps
+that were not lost (all of them for a finished job, else the last checkpoint's) x the time a
+healthy group takes per step, measured in the same run as the median interval between two
+consecutive epochs' "epoch N done" lines (the harness timestamps every line of the workers'
+output when it first sees it, polling every 0.5 s). Also reported per fault: the time from the
+fault until the next group started training again (the first "starting at" line after it).
+
+Targets (issue #15): hpc_elastic >= 0.85 and >= 2x torchrun c10d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from slurm_cluster.fixture import SlurmCluster, start_cluster, stop_cluster  # noqa: E402
+
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
+EPOCH_DONE = re.compile(r"epoch (\d+) done")
+STARTING = re.compile(r"starting at epoch \d+ step \d+ \(global step (\d+)\)")
+FINISHED = re.compile(r"training finished at global step (\d+)")
+FAULTS = ("crash", "power_cut", "preempt", "freeze")
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "NODE_FAIL", "PREEMPTED"}
+HEAL_AFTER_S = 20.0
+SCHEDULER_REQUEUE_AFTER_S = 20.0
+MAX_RESTARTS = 10
+
+TORCHRUN_SBATCH = """#!/bin/bash
+#SBATCH --job-name=goodput-torchrun
+#SBATCH --nodes=2-3
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --time=30
+#SBATCH --output={out}
+# Plain torchrun, as a user would write it: the c10d store on the first node.
+export OMP_NUM_THREADS=1 HPC_ELASTIC_CHECKPOINT_DIR={ckpt}
+head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+srun --ntasks-per-node=1 --kill-on-bad-exit=0 {torchrun} --nnodes=2:3 --nproc-per-node=2 \\
+    --max-restarts={restarts} --rdzv-backend=c10d --rdzv-endpoint="$head:29533" \\
+    --rdzv-id="$SLURM_JOB_ID-${{SLURM_RESTART_COUNT:-0}}" {script} {args}
+"""
+
+
+@dataclass
+class Lines:
+    """Every matching line of the workers' output, with the time the harness first saw it."""
+
+    files: Callable[[], list[Path]]
+    seen: dict[Path, int] = field(default_factory=dict)
+    lines: list[tuple[float, Path, str]] = field(default_factory=list)
+
+    def poll(self) -> None:
+        now = time.time()
+        for path in self.files():
+            try:
+                text = path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in text[self.seen.get(path, 0):]:
+                if EPOCH_DONE.search(line) or STARTING.search(line) or FINISHED.search(line):
+                    self.lines.append((now, path, line))
+            self.seen[path] = len(text)
+
+    def epoch_times(self) -> list[tuple[float, int]]:
+        return [(t, int(m.group(1))) for t, _, line in self.lines
+                if (m := EPOCH_DONE.search(line))]
+
+    def starts(self) -> list[float]:
+        return [t for t, _, line in self.lines if STARTING.search(line)]
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: float  # wall clock
+    target: str
+    note: str = ""
+    recovered_s: float | None = None
+
+
+class Launcher:
+    """One launcher's job: submit, find its id and output, release its requeues."""
+
+    name = ""
+
+    def __init__(self, cluster: SlurmCluster, work: Path, script_args: list[str]) -> None:
+        self.cluster = cluster
+        self.work = work
+        self.script_args = script_args
+        self.job_id = 0
+        work.mkdir(parents=True, exist_ok=True)
+
+    def submit(self) -> None:
+        raise NotImplementedError
+
+    def output_files(self) -> list[Path]:
+        raise NotImplementedError
+
+
+class HpcElastic(Launcher):
+    name = "hpc_elastic"
+
+    def submit(self) -> None:
+        entry_args = "[" + ", ".join(self.script_args) + "]"
+        cmd = [PYTHON, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
+               "--slurm", "--set", f"job_root={self.work}", "--set", "nodes=2:3", "--set",
+               f"max_restarts={MAX_RESTARTS}", "--set", f"entrypoint.args={entry_args}", "--set",
+               "slurm.time=30", "--set", "preemption.grace=20", "--set",
+               "rendezvous.heartbeat_interval=1", "--set", "rendezvous.heartbeat_timeout=5",
+               "--set", "rendezvous.last_call_timeout=1", "--set", "same_failure_limit=0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                             env={**self.cluster.env, "OMP_NUM_THREADS": "1"},
+                             stdin=subprocess.DEVNULL, cwd=REPO / "examples")
+        if out.returncode != 0:
+            raise RuntimeError(f"submit failed: {out.stdout}{out.stderr}")
+        (jobdir,) = [p for p in self.work.iterdir() if p.is_dir()]
+        self.jobdir = jobdir
+        self.job_id = int(json.loads((jobdir / "submission.json").read_text())["job_id"])
+
+    def output_files(self) -> list[Path]:
+        return sorted(self.jobdir.glob("nodes/*/workers/attempt-*/restart-*/rank-*/stdout.log"))
+
+
+class TorchrunC10d(Launcher):
+    name = "torchrun c10d"
+
+    def submit(self) -> None:
+        self.out = self.work / "slurm.out"
+        ckpt = self.work / "checkpoints"
+        ckpt.mkdir(exist_ok=True)
+        script = self.work / "torchrun.sbatch"
+        script.write_text(TORCHRUN_SBATCH.format(
+            out=self.out, ckpt=ckpt, torchrun=REPO / ".venv" / "bin" / "torchrun",
+            restarts=MAX_RESTARTS, script=REPO / "examples" / "train.py",
+            args=" ".join(self.script_args)))
+        self.job_id = self.cluster.sbatch(script)
+
+    def output_files(self) -> list[Path]:
+        return [self.out]
+
+
+def workers_on(cluster: SlurmCluster, node: str) -> list[int]:
+    """PIDs of training workers on ``node`` (not agents: no torchrun, no ``hpc_elastic agent``)."""
+    found = []
+    for pid in cluster.node_processes(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(argv).decode(errors="replace")
+        if "train.py" in text and "torchrun" not in text and "hpc_elastic agent" not in text:
+            found.append(pid)
+    return found
+
+
+def job_nodes(cluster: SlurmCluster, job_id: int) -> tuple[list[str], str]:
+    info = cluster.scontrol_job(job_id) or {}
+    nodelist = info.get("NodeList", "")
+    if not nodelist or nodelist == "(null)":
+        return [], ""
+    names = cluster.run(["scontrol", "show", "hostnames", nodelist], check=False).stdout.split()
+    return names, info.get("BatchHost", "")
+
+
+def inject(cluster: SlurmCluster, launcher: Launcher, kind: str,
+           later: list[tuple[float, Callable[[], None]]]) -> Fault:
+    """Inject one fault now; follow-ups (thaw, heal, the scheduler's requeue) go to ``later``."""
+    now = time.time()
+    nodes, host = job_nodes(cluster, launcher.job_id)
+    others = [n for n in nodes if n != host]
+    if kind == "crash":
+        for node in others + [host]:
+            pids = workers_on(cluster, node)
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                return Fault(kind, now, node, f"worker pid {pids[-1]}")
+        return Fault(kind, now, "", "no worker found")
+    if kind in ("power_cut", "freeze"):
+        if not others:
+            return Fault(kind, now, "", "no node besides the batch host")
+        victim = others[-1]
+        if kind == "power_cut":
+            cluster.power_cut(victim)
+            later.append((now + HEAL_AFTER_S, lambda: cluster.heal()))
+        else:
+            cluster.freeze(victim)
+            later.append((now + HEAL_AFTER_S, lambda: cluster.thaw(victim)))
+        return Fault(kind, now, victim)
+    restarts = (cluster.scontrol_job(launcher.job_id) or {}).get("Restarts", "0")
+    cluster.run(["scancel", "--signal=USR1", str(launcher.job_id)], check=False)
+
+    def scheduler_requeue() -> None:
+        info = cluster.scontrol_job(launcher.job_id) or {}
+        if info.get("Restarts", "0") == restarts and info.get("JobState") not in (
+                "PENDING", "COMPLETED"):
+            cluster.run(["scontrol", "requeue", str(launcher.job_id)], check=False)
+
+    scheduler_requeue.requeues = True  # type: ignore[attr-defined]
+    later.append((now + SCHEDULER_REQUEUE_AFTER_S, scheduler_requeue))
+    return Fault(kind, now, "job")
+
+
+def run_one(cluster: SlurmCluster, launcher: Launcher, duration: float, interval: float,
+            cap: float, faults: tuple[str, ...]) -> dict[str, Any]:
+    submitted = time.time()
+    launcher.submit()
+    lines = Lines(launcher.output_files)
+    later: list[tuple[float, Callable[[], None]]] = []
+    injected: list[Fault] = []
+    released: set[str] = set()
+    training_from: float | None = None
+    state = None
+    requeues = 0
+    while time.time() - submitted < cap:
+        time.sleep(0.5)
+        lines.poll()
+        info = cluster.scontrol_job(launcher.job_id) or {}
+        state = info.get("JobState")
+        restarts = info.get("Restarts", "0")
+        if state == "PENDING" and restarts != "0" and restarts not in released:
+            time.sleep(1.0)
+            cluster.release(launcher.job_id)
+            released.add(restarts)
+            requeues = int(restarts)
+        if training_from is None and lines.starts():
+            training_from = min(lines.starts())
+        due = [job for job in later if job[0] <= time.time()]
+        for job in due:
+            later.remove(job)
+            if getattr(job[1], "requeues", False):
+                job[1]()  # at once: the end-of-job check below must see its effect
+            else:
+                threading.Thread(target=job[1], daemon=True).start()  # heal: 10-20 s
+        if (training_from is not None and len(injected) < len(faults)
+                and time.time() >= training_from + interval * (len(injected) + 1)
+                and training_from + interval * (len(injected) + 1) < training_from + duration
+                and state == "RUNNING"):
+            fault = inject(cluster, launcher, faults[len(injected)], later)
+            injected.append(fault)
+            print(f"  {launcher.name}: {fault.kind} {fault.target} {fault.note} at "
+                  f"+{fault.at - submitted:.0f} s", flush=True)
+        if state in FINAL and not any(getattr(a, "requeues", False) for _, a in later):
+            break  # (a preempted job that ended by itself is requeued by the scheduler first)
+    ended = time.time()
+    lines.poll()
+    if state not in FINAL:
+        cluster.run(["scancel", str(launcher.job_id)], check=False)
+        cluster.wait_job(launcher.job_id, timeout=120)
+    for _when, action in later:
+        action()
+    starts = sorted(lines.starts())
+    for fault in injected:
+        after = [t for t in starts if t > fault.at]
+        fault.recovered_s = round(after[0] - fault.at, 1) if after else None
+    return {"launcher": launcher.name, "job_id": launcher.job_id, "state": state,
+            "wall_s": round(ended - submitted, 1), "requeues": requeues,
+            "lines": lines, "faults": injected}
+
+
+def goodput(result: dict[str, Any], total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+    lines: Lines = result["lines"]
+    epochs = lines.epoch_times()
+    per_file: dict[Path, list[tuple[float, int]]] = {}
+    for t, path, line in lines.lines:
+        if m := EPOCH_DONE.search(line):
+            per_file.setdefault(path, []).append((t, int(m.group(1))))
+    gaps = [(b[0] - a[0]) / steps_per_epoch for runs in per_file.values()
+            for a, b in zip(runs, runs[1:], strict=False) if b[1] == a[1] + 1]
+    step_s = statistics.median(gaps) if gaps else float("nan")
+    if result["state"] == "COMPLETED":
+        kept = total_steps
+    else:
+        kept = (max(e for _, e in epochs) + 1) * steps_per_epoch if epochs else 0
+    value = kept * step_s / result["wall_s"] if gaps else 0.0
+    return {"launcher": result["launcher"], "state": result["state"], "wall_s": result["wall_s"],
+            "kept_steps": kept, "step_s": round(step_s, 4), "goodput": round(value, 3),
+            "requeues": result["requeues"],
+            "faults": [{"kind": f.kind, "target": f.target, "at_s": round(f.at, 1),
+                        "training_again_s": f.recovered_s, "note": f.note}
+                       for f in result["faults"]]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="one ~40 s run per launcher with one worker crash")
+    parser.add_argument("--duration", type=float, default=300.0,
+                        help="seconds of fault-free training the job is sized for")
+    parser.add_argument("--interval", type=float, default=45.0, help="seconds between faults")
+    parser.add_argument("--step-sleep", type=float, default=0.25)
+    parser.add_argument("--cap", type=float, default=2.5,
+                        help="a launcher that has not finished after CAP x duration is stopped")
+    parser.add_argument("--only", choices=["hpc_elastic", "torchrun"], default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.interval = 30.0, 12.0
+    steps_per_epoch = 20
+    # ~0.05 s of work per step besides the sleep on this machine: size the job to --duration.
+    epochs = max(2, round(args.duration / ((args.step_sleep + 0.05) * steps_per_epoch)))
+    total = epochs * steps_per_epoch
+    script_args = ["--epochs", str(epochs), "--steps-per-epoch", str(steps_per_epoch),
+                   "--step-sleep", str(args.step_sleep)]
+    faults = ("crash",) if args.smoke else tuple(
+        FAULTS[i % len(FAULTS)] for i in range(int(args.duration // args.interval)))
+    cluster = start_cluster()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = cluster.shared_dir() / "bench-goodput" / stamp
+    results = []
+    try:
+        kinds = [HpcElastic, TorchrunC10d]
+        if args.only:
+            kinds = [k for k in kinds if k.name.startswith(args.only)]
+        for kind in kinds:
+            launcher = kind(cluster, root / kind.name.replace(" ", "-"), script_args)
+            print(f"{kind.name}: {epochs} epochs x {steps_per_epoch} steps, faults "
+                  f"{', '.join(faults)} every {args.interval:g} s", flush=True)
+            raw = run_one(cluster, launcher, args.duration, args.interval,
+                          args.cap * args.duration + 60, faults)
+            results.append(goodput(raw, total, steps_per_epoch))
+            print(json.dumps(results[-1]), flush=True)
+            cluster.heal()
+    finally:
+        if cluster.started_here:
+            stop_cluster()
+    print("\n| launcher | state | wall s | kept steps | s/step | goodput | requeues |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['launcher']} | {r['state']} | {r['wall_s']} | {r['kept_steps']} | "
+              f"{r['step_s']} | {r['goodput']} | {r['requeues']} |")
+    if len(results) == 2 and results[1]["goodput"]:
+        print(f"ratio hpc_elastic / torchrun: {results[0]['goodput'] / results[1]['goodput']:.2f}")
+    for r in results:
+        print(f"{r['launcher']}: fault -> training again: " + ", ".join(
+            f"{f['kind']} {f['training_again_s']} s" for f in r["faults"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.smoke:
+        ok = all(r["kept_steps"] > 0 for r in results) and results[0]["state"] == "COMPLETED"
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
