@@ -20,6 +20,7 @@ import pytest
 
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.telemetry import read_jsonl
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "hang_helpers" / "train_ddp.py"
@@ -219,7 +220,9 @@ def test_straggler_node_is_flagged_and_a_healthy_run_is_not(tmp_path: Path) -> N
     assert flags and {e["node"] for e in flags} == {started[1]}, flags
     first = flags[0]
     assert first["ratio"] >= 1.5 and first["windows"] <= 3, first
-    assert first["policy"] == "exclude" and "not available" in first["action"]
+    assert first["policy"] == "exclude" and first["action"].startswith("excluded"), first
+    # No restart came, so the flagged node trained to the end; the next requeue would skip it.
+    assert (jobdir.path / "excluded" / f"{started[1]}.json").exists()
     s = summary(jobdir)
     (straggler,) = s["stragglers"]
     assert straggler["node"] == started[1] and straggler["ranks"] == [1], straggler
@@ -228,3 +231,53 @@ def test_straggler_node_is_flagged_and_a_healthy_run_is_not(tmp_path: Path) -> N
         jobdir.worker_logs(n, 0, 0, next(r for r, nn in started.items() if nn == n))
         / "metrics.jsonl")]
     assert {m["name"] for m in metrics} >= {"step_time_s", "step_busy_s"}
+
+
+def test_straggler_excluded_leaves_at_the_next_restart(tmp_path: Path) -> None:
+    """stragglers: exclude on an elastic job (nodes 2:3): the slow node is flagged and recorded
+    in excluded/; when a healthy rank then dies, the group restarts without the slow node (it
+    leaves instead of rejoining, like a lost node), and the other two finish."""
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"name: strag\nnodes: '2:3'\nnproc_per_node: 1\n"
+        f"entrypoint: {SCRIPT} --steps 100000 --step-sleep 0.01 --fault slow --work-s 0.02 "
+        "--slow-factor 2.0 --slow-until-restart\n"
+        f"max_restarts: 2\nstragglers: exclude\njob_root: {tmp_path / 'jobs'}\n"
+        "env:\n  OMP_NUM_THREADS: 1\n  HPC_ELASTIC_STEP_WINDOW: 2\n"
+        "rendezvous:\n  last_call_timeout: 1\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "hpc_elastic", "submit", str(job),
+                                 "--local"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        def flagged() -> list[dict]:
+            dirs = list((tmp_path / "jobs").glob("strag-*"))
+            return dirs and events(JobDir(dirs[0]), "node.straggler")
+
+        flags = wait_for("a straggler flag", flagged, 240)
+        (jobdir_path,) = (tmp_path / "jobs").glob("strag-*")
+        jobdir = JobDir(jobdir_path)
+        slow_node = flags[0]["node"]
+        started = events(jobdir, "worker.started")
+        (victim,) = [e for e in started if e["rank"] == 0]
+        assert victim["node"] != slow_node, (victim, slow_node)
+        # The run is long on purpose: a healthy rank dies now, and after the restart (without
+        # the slow node) the step counter is set to the end so the others finish at once.
+        os.kill(int(victim["worker_id"]), signal.SIGKILL)
+        (jobdir.checkpoints / "step.txt").write_text("99990")
+        out, err = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            stop_local_job(tmp_path / "jobs")
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 0, (out + err)[-3000:]
+    excluded = json.loads((jobdir.path / "excluded" / f"{slow_node}.json").read_text())
+    assert excluded["reason"].startswith("straggler: its ranks needed "), excluded
+    last = {n: list(read_jsonl(jobdir.events(n)))[-1] for n in jobdir.node_names()}
+    assert last[slow_node]["kind"] == "agent.left" and last[slow_node]["excluded"], last
+    assert all(e["kind"] == "agent.succeeded" for n, e in last.items() if n != slow_node), last
+    rounds = events(jobdir, "rendezvous.completed")
+    assert max(rounds, key=lambda e: e["time"])["world_size"] == 2, "re-formed without it"
+    s = summary(jobdir)
+    assert s["status"] == "succeeded"
+    assert [x["node"] for x in s["excluded_nodes"]] == [slow_node]

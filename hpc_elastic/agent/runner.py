@@ -48,6 +48,10 @@ EXIT_FAILED = 1
 ROLE = "trainer"
 
 
+class NodeExcluded(Exception):
+    """This node was excluded from the run (a straggler under ``stragglers: exclude``)."""
+
+
 class ObservedAgent(LocalElasticAgent):
     """torch's LocalElasticAgent, plus a ``worker.failed`` event the moment a failure is seen,
     and the preemption rules.
@@ -88,6 +92,14 @@ class ObservedAgent(LocalElasticAgent):
         if self.stragglers is not None:
             self.stragglers.watch(worker_group, folders)
         return started
+
+    def _restart_workers(self, worker_group: WorkerGroup) -> None:
+        """A node excluded as a straggler (``stragglers: exclude``) does not rejoin: it leaves
+        the run here, at the group's next restart, like a lost node (the others re-form without
+        it). torch's ``run`` stops its workers on the way out."""
+        if self.stragglers is not None and self.stragglers.excluded is not None:
+            raise NodeExcluded(self.stragglers.excluded)
+        super()._restart_workers(worker_group)
 
     def _exit_barrier(self) -> None:
         """No exit barrier. torch's keeps an agent whose workers succeeded waiting (300 s by
@@ -281,7 +293,8 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         log_line_prefix_template=f"[{ident.node}/rank${{rank}}]: ", record=events.record,
         preemption=preemption if handles_preemption else None, hangs=hangs,
         storm=StormGuard(config.same_failure_limit) if config.same_failure_limit else None,
-        stragglers=(StragglerWatch(jobdir, ident.node, events.record, config.stragglers)
+        stragglers=(StragglerWatch(jobdir, ident.node, events.record, config.stragglers,
+                                   job_id=ident.job_id, attempt=ident.attempt)
                     if config.stragglers != "off" else None),
     )
     watch = None
@@ -315,6 +328,12 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         # The run ended (the lead closed its rendezvous) before or while this member took part:
         # nothing left to do here, and nothing failed.
         events.record("agent.left", reason=f"the run has ended: {err}")
+        telemetry.close()
+        return EXIT_OK
+    except NodeExcluded as err:
+        # Leave without closing the rendezvous: the other nodes re-form without this one.
+        handler.depart()
+        events.record("agent.left", reason=f"excluded from the run: {err}", excluded=True)
         telemetry.close()
         return EXIT_OK
     except SignalException as err:

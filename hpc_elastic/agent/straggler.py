@@ -28,6 +28,7 @@ from typing import Any
 
 from torch.distributed.elastic.agent.server.api import WorkerGroup
 
+from hpc_elastic.excluded import exclude_node
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.worker import record
 from hpc_elastic.worker.beat import ENV_STEP_WINDOW, STEP_WINDOW_S
@@ -53,10 +54,14 @@ class StragglerWatch:
 
     def __init__(self, jobdir: JobDir, node: str, record_event: Callable[..., None],
                  policy: str = "report", window: float | None = None,
-                 ratio: float = RATIO) -> None:
+                 ratio: float = RATIO, job_id: str = "", attempt: int = 0) -> None:
         self.jobdir = jobdir
         self.node = node
         self.policy = policy
+        self.job_id = job_id
+        self.attempt = attempt
+        #: Why this node was excluded (policy ``exclude``); the agent leaves at its next restart.
+        self.excluded: str | None = None
         # The workers' window (they average over it); the same variable sets both.
         self.window = window or _env_window()
         self.ratio = ratio
@@ -106,16 +111,31 @@ class StragglerWatch:
         slow = median > 0 and own >= self.ratio * median
         if slow and not self.flagged:
             self.flagged = True
+            action = "reported"
+            if self.policy == "exclude" and self.excluded is None:
+                action = self._exclude(own / median)
             self._record("node.straggler", ratio=round(own / median, 3),
                          node_busy_s=round(own, 6), median_busy_s=round(median, 6),
                          ranks=sorted(mine), nodes_compared=len(everyone),
                          window_s=self.window, windows=self.windows, policy=self.policy,
-                         action="reported" + (" (node exclusion is not available: the node "
-                                              "stays)" if self.policy == "exclude" else ""))
+                         action=action)
         elif not slow and self.flagged:
             self.flagged = False
             self._record("node.straggler_cleared", ratio=round(own / median, 3)
                          if median > 0 else None, windows=self.windows)
+
+    def _exclude(self, ratio: float) -> str:
+        """Policy ``exclude``: record the node in ``excluded/<node>.json`` like a lost node (the
+        next attempt's supervisor skips it, a requeue asks Slurm to leave it out), and mark it
+        so that its agent leaves the run at the group's next restart instead of rejoining."""
+        reason = (f"straggler: its ranks needed {ratio:.2f}x the median busy time per step "
+                  f"(stragglers: exclude)")
+        try:
+            exclude_node(self.jobdir, self.node, reason, self.job_id, self.attempt)
+        except OSError as err:
+            return f"reported (could not record the exclusion: {err})"
+        self.excluded = reason
+        return "excluded: the node leaves the run at the next restart or requeue"
 
     def _publish(self, mine: dict[int, float]) -> None:
         path = self.jobdir.node(self.node) / STEPTIME_FILE

@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--fault-step", type=int, default=10)
     parser.add_argument("--long-s", type=float, default=3.0)
     parser.add_argument("--slow-factor", type=float, default=1.5)
+    parser.add_argument("--slow-until-restart", action="store_true",
+                        help="slow only in the first start (the slow node is gone after it)")
     parser.add_argument("--work-s", type=float, default=0.0,
                         help="CPU seconds every rank burns per step (a stand-in for compute)")
     parser.add_argument("--ckpt", default=os.environ.get("HPC_ELASTIC_CHECKPOINT_DIR", "."))
@@ -100,7 +102,8 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        slow = args.fault == "slow" and rank == args.fault_rank
+        slow = args.fault == "slow" and rank == args.fault_rank and not (
+            args.slow_until_restart and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0")
         burn(args.work_s * (args.slow_factor if slow else 1.0))
         time.sleep(args.step_sleep)
         if rank == 0:
