@@ -27,6 +27,7 @@ Layout (``<root>`` is ``job_root`` from the config, one directory per submitted 
         nodes/<node>/
             events.jsonl         one writer: that node's agent
             metrics.jsonl        one writer: that node's agent
+            agent.log            local mode: torch's log lines of that node's agent
             workers/attempt-<a>/restart-<n>/rank-<r>/{stdout.log,stderr.log,error.json}
 
 Per-node files have exactly one writer (the node's agent), because ``O_APPEND`` is not atomic
@@ -59,6 +60,7 @@ SBATCH_SCRIPT = "sbatch.sh"
 LOCAL_AGENTS = "local-agents.json"
 EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
+AGENT_LOG = "agent.log"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -281,6 +283,11 @@ class JobDir:
 
     def metrics(self, node: str) -> Path:
         return self.node(node) / METRICS
+
+    def agent_log(self, node: str) -> Path:
+        """Local mode: torch's own log lines of the node's agent (hpc_elastic/agent/console.py);
+        on a cluster they are in the node's Slurm log."""
+        return self.node(node) / AGENT_LOG
 
     def worker_logs(self, node: str, attempt: int, restart: int, rank: int) -> Path:
         """One worker's files: ``attempt`` counts Slurm requeues, ``restart`` the starts of this

@@ -39,11 +39,19 @@ def only_jobdir(job_root: Path) -> JobDir:
 
 
 @pytest.fixture(scope="module")
-def failed_once_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobDir, str]:
+def failed_once_run(tmp_path_factory: pytest.TempPathFactory
+                    ) -> tuple[JobDir, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("jobs")
     result = submit_local(root, f"entrypoint.args={TRAIN_ARGS}")
     assert result.returncode == 0, result.stderr[-3000:]
-    return only_jobdir(root), result.stdout + result.stderr
+    return only_jobdir(root), result
+
+
+@pytest.fixture(scope="module")
+def failed_once_job(failed_once_run: tuple[JobDir, subprocess.CompletedProcess]
+                    ) -> tuple[JobDir, str]:
+    jobdir, result = failed_once_run
+    return jobdir, result.stdout + result.stderr
 
 
 def kinds(jobdir: JobDir, node: str) -> list[str]:
@@ -155,3 +163,32 @@ def test_a_node_that_succeeds_does_not_wait_for_a_peer_that_failed(tmp_path: Pat
     jobdir = only_jobdir(tmp_path / "jobs")
     ends = sorted(kinds(jobdir, node)[-1] for node in jobdir.node_names())
     assert ends == ["agent.failed", "agent.succeeded"]
+
+
+def test_the_console_is_short_and_leads_with_the_root_cause(
+        failed_once_run: tuple[JobDir, subprocess.CompletedProcess]) -> None:
+    """Issue 17 point 6: the terminal that submitted a local job shows no tracebacks and none
+    of torch's agent lines (one short line per node and failure instead); at the end, the root
+    cause first, the secondary failures as a count with the command that shows them. Nothing
+    is lost: torch's lines are in each node's agent.log, the tracebacks in the ranks' logs."""
+    jobdir, result = failed_once_run
+    errors = result.stderr.splitlines()
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not [line for line in errors if "torch/distributed/elastic" in line], result.stderr
+    ours = [line for line in errors if line.startswith("hpc-elastic: local")]
+    # One per node whose workers failed (a node may instead re-form for the other's restart).
+    assert 1 <= len(ours) <= 2 and len(errors) <= 4, result.stderr
+    assert all("failed (exit 1); restarting the workers (restart 1 of 2)" in line
+               for line in ours), ours
+    job_id = result.stdout.split()[1]
+    report = result.stdout[result.stdout.index(f"job {job_id} succeeded"):].splitlines()
+    assert report[1] == "root cause (recovered):", report
+    assert "rank 1 exit 1: RuntimeError: injected failure" in report[2], report
+    assert "secondary failure(s)" in report[3], report
+    assert report[3].endswith(f"hpc-elastic logs failures {job_id}"), report
+    torch_lines = "".join(jobdir.agent_log(n).read_text() for n in jobdir.node_names())
+    assert torch_lines.count("failed (exitcode: 1) local_rank: ") == len(ours), torch_lines
+    rank_logs = jobdir.path.glob("nodes/*/workers/attempt-0/restart-0/rank-*/stderr.log")
+    texts = [path.read_text() for path in rank_logs]
+    assert len(texts) == 4 and sum("Traceback" in text for text in texts) >= 2
+    assert any("injected failure" in text and "Traceback" in text for text in texts)

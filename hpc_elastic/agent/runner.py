@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
 from hpc_elastic import slurm
+from hpc_elastic.agent import console
 from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
@@ -65,9 +66,12 @@ class ObservedAgent(LocalElasticAgent):
     def __init__(self, *args: object, record: Callable[..., None],
                  preemption: Preemption | None = None, hangs: HangWatch | None = None,
                  storm: StormGuard | None = None, stragglers: StragglerWatch | None = None,
+                 on_failure: Callable[[dict[int, Any], int, int], None] | None = None,
                  **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._record = record
+        #: local mode: one short console line per failed worker group (agent/console.py)
+        self._on_failure = on_failure
         self.preemption = preemption
         self.hangs = hangs
         self.storm = storm
@@ -148,6 +152,9 @@ class ObservedAgent(LocalElasticAgent):
                 self._record("workers.peer_left", restart_count=restart)
                 return RunResult(state=WorkerState.HEALTHY)
             self._guard_storm(failure_signature(result.failures))
+            if self._on_failure is not None:
+                self._on_failure(result.failures, self._remaining_restarts,
+                                 worker_group.spec.max_restarts)
         preemption = self.preemption
         if preemption is not None and preemption.received:
             # The job is going away: a restart would only start from the checkpoint the next
@@ -241,6 +248,10 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
     os.environ.setdefault("TORCH_ELASTIC_WORKER_IDENTICAL", "1")
 
     telemetry = install_telemetry(jobdir, ident.node, job_id=ident.job_id, attempt=ident.attempt)
+    # Local mode: torch's log lines go to the node's agent.log, the shared terminal gets one
+    # short line per failure (agent/console.py). On a cluster stderr is the node's own log.
+    local_console = not ident.in_slurm and console.route_torch_logs(
+        jobdir.agent_log(ident.node)) is not None
     os.environ.update(telemetry.worker_env())
     events = telemetry.events
     ending.attach(events)
@@ -296,6 +307,8 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         stragglers=(StragglerWatch(jobdir, ident.node, events.record, config.stragglers,
                                    job_id=ident.job_id, attempt=ident.attempt)
                     if config.stragglers != "off" else None),
+        on_failure=(lambda failures, remaining, most: console.say(console.failure_line(
+            ident.node, failures, remaining, most))) if local_console else None,
     )
     watch = None
     if handles_preemption:
