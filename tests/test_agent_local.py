@@ -132,8 +132,10 @@ def test_unwritable_log_directory_warns_and_training_still_succeeds(tmp_path: Pa
     create_jobdir(config, jobdir)
     jobdir.nodes.rmdir()
     jobdir.nodes.write_text("not a directory\n")
+    # The worker logs fall back to $TMPDIR/hpc_elastic-logs-<uid>/: the test's own, not /tmp.
+    (tmp_path / "tmp").mkdir()
     env = {**os.environ, "HPC_ELASTIC_NODE_NAME": "solo", "HPC_ELASTIC_JOB_ID": "t-unwritable",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     result = subprocess.run([sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
