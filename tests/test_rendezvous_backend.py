@@ -21,7 +21,7 @@ from rendezvous_helpers.forked import run_all
 from hpc_elastic.rendezvous import LockingUnsupportedError, create_handler
 from hpc_elastic.rendezvous.heartbeat import HeartbeatWriter, LivenessObserver, watch_set
 from hpc_elastic.rendezvous.layout import RunLayout
-from hpc_elastic.rendezvous.locking import ProcessFileLock, probe_flock
+from hpc_elastic.rendezvous.locking import LockTimeoutError, ProcessFileLock, probe_flock
 from hpc_elastic.rendezvous.state import FsOps, State, StateFile
 
 FORK = multiprocessing.get_context("fork")
@@ -161,7 +161,14 @@ def test_lock_acquisition_never_falls_back_to_a_marker_file(tmp_path, monkeypatc
         pass
     monkeypatch.undo()
     with lock.hold(1):  # still a real flock afterwards, and usable
-        assert type(lock._file_lock).__name__ == "UnixFileLock"
+        other = os.open(layout.lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert sorted(p.name for p in layout.run_dir.iterdir() if "lock" in p.name) == [
+        "state.lock"], "no marker file beside the lock"
 
 
 def test_liveness_is_judged_by_counter_progress_on_the_readers_clock(tmp_path):
@@ -195,3 +202,33 @@ def test_every_member_is_watched_by_fanout_others():
     assert set(watchers.values()) == {8}
     assert watch_set(members, "outsider", 8) == [], "non-members watch nobody"
     assert sorted(watch_set(["a", "b", "c"], "a", 8)) == ["b", "c"]
+
+
+def _hold_for(path: str, seconds: float, ready) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    ready.set()
+    time.sleep(seconds)
+    os.close(fd)
+
+
+def test_a_held_lock_is_waited_for_in_the_queue_and_a_timed_out_wait_frees_it_later(tmp_path):
+    """A waiter is granted the lock as soon as the holder lets go (no polling delay); a wait
+    that timed out leaves nothing held once its queued request completes."""
+    layout = _layout(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_for, args=(str(layout.lock), 1.5, ready))
+    holder.start()
+    assert ready.wait(20)
+    lock = ProcessFileLock(layout.lock)
+    start = time.monotonic()
+    with pytest.raises(LockTimeoutError), lock.hold(0.3):
+        pass
+    assert time.monotonic() - start < 1.2
+    with lock.hold(20):  # the timed-out request is granted and dropped, then ours
+        waited = time.monotonic() - start
+    holder.join(10)
+    assert 1.2 < waited < 4, waited
+    with lock.hold(1):
+        pass

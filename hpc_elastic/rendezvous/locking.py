@@ -8,8 +8,8 @@ Rules this module enforces, and why:
 * Inside one process, holders are serialized by a ``threading.Lock`` before the flock is taken.
   POSIX locks are per process, so two threads (or two handlers in one agent) would otherwise both
   "own" the NFS lock, and one thread's close would release the other's lock.
-* ``filelock.UnixFileLock`` is used with ``fallback_to_soft=False``: recent filelock versions
-  silently switch to a marker file on ``ENOSYS``; a SIGKILLed holder then leaves the marker behind
+* ``fcntl.flock`` directly, never a marker file: filelock's ``UnixFileLock`` silently switches
+  to one on ``ENOSYS`` unless told not to, and a SIGKILLed holder then leaves the marker behind
   and the whole job stalls. A filesystem without flock is reported by :func:`probe_flock` with
   the mount option to fix.
 * A holder that dies (even SIGKILL) releases its flock with its last descriptor, so the state is
@@ -20,7 +20,7 @@ Rules this module enforces, and why:
 from __future__ import annotations
 
 import errno
-import inspect
+import fcntl
 import os
 import threading
 import time
@@ -29,8 +29,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import filelock
-
 from .errors import LockingUnsupportedError, SharedFSRendezvousError
 
 #: errnos that mean "this filesystem does not do flock at all" (as opposed to "held elsewhere").
@@ -38,11 +36,12 @@ NO_LOCK_ERRNOS = frozenset(
     {errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOLCK}
 )
 
-_HAS_FALLBACK_FLAG = "fallback_to_soft" in inspect.signature(filelock.UnixFileLock).parameters
-
-
 class LockTimeoutError(SharedFSRendezvousError):
     """The state lock could not be taken in time (a stuck client or an overloaded filesystem)."""
+
+
+class _StillQueued(Exception):
+    """A queued lock request timed out; its helper thread keeps the process's mutex."""
 
 
 def unsupported_message(directory: Path | str, exc: OSError) -> str:
@@ -66,8 +65,6 @@ def probe_flock(directory: Path) -> None:
     A scratch file (not the real lock file) is used so that the probe never opens or closes a
     descriptor of a lock another thread of this process may hold.
     """
-    import fcntl
-
     probe = Path(directory) / f".flock-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -88,6 +85,14 @@ class ProcessFileLock:
 
     Obtain it with :meth:`for_path` (one instance per path and process), then
     ``with lock.hold(timeout): ...``.
+
+    A free lock is taken with one non-blocking ``flock``. A lock held elsewhere is *waited for
+    in the server's queue* (a blocking ``flock`` in a helper thread), not polled: on a network
+    filesystem each poll is a round trip to the server that the holder needs too, and a polling
+    waiter learns of the release late. The server hands the lock to the
+    next waiter as soon as it is released. If the wait times out, the helper keeps this
+    process's mutex until its queued request is granted (and dropped) or fails, so that a late
+    grant can never release another holder's POSIX lock (NFS).
     """
 
     _instances: dict[tuple[int, str], ProcessFileLock] = {}
@@ -96,10 +101,6 @@ class ProcessFileLock:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._mutex = threading.Lock()
-        kwargs: dict[str, object] = {"thread_local": False, "mode": 0o600}
-        if _HAS_FALLBACK_FLAG:
-            kwargs["fallback_to_soft"] = False
-        self._file_lock = filelock.UnixFileLock(str(self.path), **kwargs)
         #: How often the lock was taken and how long it was waited for (for benchmarks).
         self.acquisitions = 0
         self.wait_seconds = 0.0
@@ -120,38 +121,87 @@ class ProcessFileLock:
         deadline = start + timeout
         if not self._mutex.acquire(timeout=max(timeout, 0.0)):
             raise LockTimeoutError(self._timeout_message(timeout))
+        handed_over = False
         try:
-            self._acquire_file_lock(deadline, timeout)
+            try:
+                fd = self._acquire_file_lock(deadline, timeout)
+            except _StillQueued:
+                handed_over = True  # the helper thread releases the mutex
+                raise LockTimeoutError(self._timeout_message(timeout)) from None
             self.acquisitions += 1
             self.wait_seconds += time.monotonic() - start
             try:
                 yield
             finally:
-                self._file_lock.release()
+                _unlock(fd)
         finally:
+            if not handed_over:
+                self._mutex.release()
+
+    def _open(self) -> int:
+        # Only this module opens the lock file (NFS: closing any descriptor drops the lock).
+        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    def _acquire_file_lock(self, deadline: float, timeout: float) -> int:
+        """The locked descriptor. :class:`_StillQueued` when the wait timed out: the helper
+        thread then owns this process's mutex (the caller must not release it)."""
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno in NO_LOCK_ERRNOS:
+                os.close(fd)
+                raise LockingUnsupportedError(unsupported_message(self.path.parent, exc)) from exc
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+        # Held elsewhere: queue on the server.
+        granted = threading.Event()
+        outcome: dict[str, object] = {}
+        guard = threading.Lock()
+
+        def wait_in_queue() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                outcome["error"] = exc
+            with guard:
+                if not outcome.get("abandoned"):
+                    granted.set()
+                    return
+            # The caller gave up: drop what we got, then free the process's mutex.
+            _unlock(fd, locked="error" not in outcome)
             self._mutex.release()
 
-    def _acquire_file_lock(self, deadline: float, timeout: float) -> None:
+        threading.Thread(target=wait_in_queue, name="sharedfs-lock-wait", daemon=True).start()
+        granted.wait(max(0.0, deadline - time.monotonic()))
+        with guard:
+            if not granted.is_set():
+                outcome["abandoned"] = True
+                raise _StillQueued
+        error = outcome.get("error")
+        if isinstance(error, OSError):
+            os.close(fd)
+            if error.errno in NO_LOCK_ERRNOS:
+                raise LockingUnsupportedError(unsupported_message(self.path.parent, error))
+            return self._poll_file_lock(deadline, timeout)
+        return fd
+
+    def _poll_file_lock(self, deadline: float, timeout: float) -> int:
+        """Fallback when a queued wait failed (e.g. EINTR, a reconnecting client): try without
+        waiting until the deadline."""
         pause = 0.0005
         while True:
+            fd = self._open()
             try:
-                self._file_lock.acquire(blocking=False)
-            except filelock.Timeout:
-                pass
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
             except OSError as exc:
+                os.close(fd)
                 if exc.errno in NO_LOCK_ERRNOS:
                     raise LockingUnsupportedError(
-                        unsupported_message(self.path.parent, exc)
-                    ) from exc
-                raise
-            else:
-                if not isinstance(self._file_lock, filelock.UnixFileLock):  # pragma: no cover
-                    # Defensive: a filelock version that swapped classes behind our back.
-                    self._file_lock.release()
-                    raise LockingUnsupportedError(
-                        unsupported_message(self.path.parent, OSError(errno.ENOSYS, "flock"))
-                    )
-                return
+                        unsupported_message(self.path.parent, exc)) from exc
             now = time.monotonic()
             if now >= deadline:
                 raise LockTimeoutError(self._timeout_message(timeout))
@@ -165,3 +215,14 @@ class ProcessFileLock:
             "while holding it and its NFS lock lease has not expired yet. Raise lock_timeout "
             "(--rdzv-conf lock_timeout=SECONDS) above the NFS lease time if this repeats."
         )
+
+
+def _unlock(fd: int, locked: bool = True) -> None:
+    """Release and close (closing alone would release too; unlocking first says so)."""
+    try:
+        if locked:
+            with suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        with suppress(OSError):
+            os.close(fd)
