@@ -89,10 +89,10 @@ def test_killed_node_is_dropped_and_the_others_finish(cluster, victim):
 def test_node_joining_late_is_admitted_at_the_next_round(cluster):
     conf = {**TUNED, "last_call_timeout": 1}
     for name in ("n0", "n1"):
-        cluster.start_agent(name, "job", "2:3", conf, ["--steps", "60", "--step-time", "0.05"])
+        cluster.start_agent(name, "job", "2:3", conf, ["--steps", "200", "--step-time", "0.05"])
     wait_for("training with 2 nodes",
              lambda: [r for r in cluster.records("progress") if r["world"] == 4], 60, every=0.05)
-    cluster.start_agent("late", "job", "2:3", conf, ["--steps", "60", "--step-time", "0.05"])
+    cluster.start_agent("late", "job", "2:3", conf, ["--steps", "200", "--step-time", "0.05"])
     _check_all_succeeded(cluster, ["n0", "n1", "late"])
     done = cluster.records("done")
     assert len(done) == 6 and {d["world"] for d in done} == {6}
