@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,7 +88,8 @@ def assert_one_requeue_and_attempt_1(jobdir: JobDir) -> None:
     assert len(requeues) == 1, requeues
     assert (jobdir.path / "requeue" / "attempt-0").read_text().strip() == requeues[0]["node"]
     preempted = [e for e in kind_events(jobdir, "agent.preempted") if e["attempt"] == 0]
-    assert len(preempted) == 2
+    assert len(preempted) == 2, "a node ended without its final event"
+    assert sorted(requeues[0]["nodes_done"]) == sorted(jobdir.node_names())
     assert sum(e["requeued_by_this_node"] for e in preempted) == 1
     assert not [e for e in kind_events(jobdir, "worker.failed") if e["attempt"] == 0], \
         "the preempted workers exited cleanly"
@@ -105,11 +107,47 @@ def workers_checkpointed_at(jobdir: JobDir) -> float:
 # -- unit: the claim and the single delivery --------------------------------------------------
 
 def make_preemption(tmp_path: Path, node: str, log: list[tuple[str, dict[str, Any]]],
-                    requeue: Callable[[], None] | None) -> Preemption:
-    return Preemption(signal_name="USR1", grace=60, claim_path=tmp_path / "requeue" / "attempt-0",
+                    requeue: Callable[[], None] | None, round_size: int = 1,
+                    grace: float = 60) -> Preemption:
+    return Preemption(signal_name="USR1", grace=grace,
+                      claim_path=tmp_path / "requeue" / "attempt-0",
                       node=node, requeue=requeue,
                       record=lambda kind, **fields: log.append((kind, fields)),
-                      worker_pids=list)
+                      worker_pids=list, round_size=lambda: round_size)
+
+
+def test_the_requeue_waits_until_every_node_of_the_round_is_done(tmp_path: Path) -> None:
+    """The requeue makes Slurm kill every step after KillWait: the node that asks for it waits
+    until the other nodes are done, so none ends without its final event."""
+    calls: list[float] = []
+    logs: list[list[tuple[str, dict[str, Any]]]] = [[], []]
+    first, second = (make_preemption(tmp_path, f"n{i}", logs[i],
+                                     lambda: calls.append(time.monotonic()), round_size=2)
+                     for i in range(2))
+    first.received_at = second.received_at = time.time()
+    asking = threading.Thread(target=first.finish)
+    asking.start()
+    time.sleep(1.0)
+    assert not calls, "requeued while the other node was still busy"
+    said_done = time.monotonic()
+    second.finish()
+    asking.join(timeout=10)
+    assert len(calls) == 1 and calls[0] >= said_done
+    (requeue,) = [fields for kind, fields in logs[0] if kind == "requeue"]
+    assert requeue["nodes_done"] == ["n0", "n1"] and requeue["nodes_expected"] == 2
+
+
+def test_a_node_that_never_says_done_delays_the_requeue_only_until_grace_ends(
+        tmp_path: Path) -> None:
+    calls: list[float] = []
+    log: list[tuple[str, dict[str, Any]]] = []
+    node = make_preemption(tmp_path, "n0", log, lambda: calls.append(time.time()),
+                           round_size=3, grace=1.5)
+    node.received_at = time.time()
+    node.finish()
+    assert len(calls) == 1 and 1.3 <= calls[0] - node.received_at < 5
+    (requeue,) = [fields for kind, fields in log if kind == "requeue"]
+    assert requeue["nodes_done"] == ["n0"] and requeue["nodes_expected"] == 3
 
 
 def test_exactly_one_node_claims_the_requeue(tmp_path: Path) -> None:

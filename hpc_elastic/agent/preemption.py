@@ -9,6 +9,11 @@ Slurm sends the job's ``--signal`` (``preemption.signal``, default USR1) to ever
    one node asks: each node tries to create ``<jobdir>/requeue/attempt-<a>`` with ``O_EXCL``
    (atomic on local filesystems and on NFS v3+), and only the node that created it calls
    ``scontrol requeue``. The next attempt sees ``SLURM_RESTART_COUNT`` one higher.
+3. Before it asks, the node that won waits (at most until ``grace`` runs out) until every node
+   of the round has said it is done (``<jobdir>/requeue/attempt-<a>.done/<node>``): the
+   requeue makes Slurm end every step with SIGTERM and SIGKILL after ``KillWait``, and a node
+   that was still noticing its workers' exit would otherwise end without its final event
+   (seen on a loaded machine with ``KillWait=5``).
 
 Why signal handlers stay small: the handler only sets state, forwards the signal and starts a
 timer thread; everything that can block (scontrol) runs outside the handler.
@@ -54,6 +59,7 @@ class Preemption:
         requeue: Callable[[], None] | None,
         record: Callable[..., None],
         worker_pids: Callable[[], list[int]],
+        round_size: Callable[[], int] = lambda: 1,
     ) -> None:
         self.signum = signal.Signals[f"SIG{signal_name}"]
         self.grace = grace
@@ -62,6 +68,7 @@ class Preemption:
         self._requeue = requeue
         self._record = record
         self._worker_pids = worker_pids
+        self._round_size = round_size  # nodes in the current round (the agent's worker group)
         self.received_at: float | None = None
         self.requeued_by_us = False
         self.grace_expired = False
@@ -142,14 +149,48 @@ class Preemption:
             if self._finished.is_set():
                 return
             self._finished.set()
-        if self._requeue is None or not self._claim():
+        if self._requeue is None:
             return
-        self._record("requeue", reason=reason, claim=str(self.claim_path))
+        self._say_done()
+        if not self._claim():
+            return
+        waited = self._wait_for_the_other_nodes()
+        self._record("requeue", reason=reason, claim=str(self.claim_path), **waited)
         try:
             self._requeue()
             self.requeued_by_us = True
         except Exception as err:  # noqa: BLE001 - reported, and the job ends instead of hanging
             self._record("requeue.failed", error=str(err))
+
+    @property
+    def _done_dir(self) -> Path:
+        return self.claim_path.with_name(self.claim_path.name + ".done")
+
+    def _say_done(self) -> None:
+        """Tell the node that requeues that this one's workers are done (its final event
+        follows at once). A name in a directory: no content to read stale, and creating a
+        file that exists (a relaunched agent) is fine."""
+        with contextlib.suppress(OSError):
+            make_dir(self._done_dir)
+            fd = os.open(self._done_dir / self.node,
+                         os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, file_mode_in(self._done_dir))
+            os.close(fd)
+
+    def _wait_for_the_other_nodes(self, poll: float = 0.2) -> dict[str, object]:
+        """Wait until every node of the round said it is done, or the grace is over. Returns
+        what to record: how many said so, and how long this took."""
+        expected = max(1, self._round_size())
+        deadline = (self.received_at or time.time()) + self.grace
+        t0 = time.time()
+        done: list[str] = []
+        while True:
+            with contextlib.suppress(OSError):
+                done = sorted(p.name for p in self._done_dir.iterdir())
+            if len(done) >= expected or time.time() >= deadline:
+                break
+            time.sleep(poll)
+        return {"nodes_done": done, "nodes_expected": expected,
+                "waited_s": round(time.time() - t0, 3)}
 
     def _claim(self) -> bool:
         make_dir(self.claim_path.parent)

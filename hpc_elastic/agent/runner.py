@@ -292,6 +292,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else (lambda: None),
         record=events.record,
         worker_pids=lambda: worker_pids(agent),
+        round_size=lambda: round_size(agent),
     )
     # A member job (grow, array task) does not own the run: its end shrinks the run, and only
     # the lead requeues it (hpc_elastic/members.py).
@@ -424,6 +425,11 @@ def worker_pids(agent: LocalElasticAgent) -> list[int]:
     """PIDs of the agent's current workers (none before the first start)."""
     group = agent.get_worker_group()
     return [w.id for w in group.workers if isinstance(w.id, int) and w.id > 0]
+
+
+def round_size(agent: LocalElasticAgent) -> int:
+    """Nodes (agents) in the agent's current round; 1 before its first rendezvous."""
+    return int(agent.get_worker_group().group_world_size or 1)
 
 
 def _preempted(preemption: Preemption, events: Any, telemetry: Any, ident: NodeIdentity,

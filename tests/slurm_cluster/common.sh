@@ -19,7 +19,7 @@ PARTITION=debug
 NODE_PREFIX=n
 
 # Which volume job directories go on by default (the tests' tmp_path): cached or coherent.
-FS_PROFILE=${HPC_ELASTIC_SLURM_FS_PROFILE:-coherent}
+FS_PROFILE=${HPC_ELASTIC_SLURM_FS_PROFILE:-cached}
 
 # Ports, each inside the namespace of its daemon: slurmctld, slurmdbd, MariaDB (head), then one
 # per slurmd (its node).
