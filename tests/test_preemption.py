@@ -137,6 +137,18 @@ def test_the_requeue_waits_until_every_node_of_the_round_is_done(tmp_path: Path)
     assert requeue["nodes_done"] == ["n0", "n1"] and requeue["nodes_expected"] == 2
 
 
+def test_a_node_known_lost_is_not_waited_for(tmp_path: Path) -> None:
+    calls: list[float] = []
+    log: list[tuple[str, dict[str, Any]]] = []
+    node = Preemption(signal_name="USR1", grace=30, claim_path=tmp_path / "requeue" / "attempt-0",
+                      node="n0", requeue=lambda: calls.append(time.time()),
+                      record=lambda kind, **fields: log.append((kind, fields)),
+                      worker_pids=list, round_size=lambda: 2, lost_nodes=lambda: 1)
+    node.received_at = time.time()
+    node.finish()
+    assert len(calls) == 1 and calls[0] - node.received_at < 5
+
+
 def test_a_node_that_never_says_done_delays_the_requeue_only_until_grace_ends(
         tmp_path: Path) -> None:
     calls: list[float] = []

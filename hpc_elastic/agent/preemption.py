@@ -13,7 +13,8 @@ Slurm sends the job's ``--signal`` (``preemption.signal``, default USR1) to ever
    of the round has said it is done (``<jobdir>/requeue/attempt-<a>.done/<node>``): the
    requeue makes Slurm end every step with SIGTERM and SIGKILL after ``KillWait``, and a node
    that was still noticing its workers' exit would otherwise end without its final event
-   (seen on a loaded machine with ``KillWait=5``).
+   (seen on a loaded machine with ``KillWait=5``). Nodes excluded as lost in this attempt (a
+   dead batch host) are not waited for.
 
 Why signal handlers stay small: the handler only sets state, forwards the signal and starts a
 timer thread; everything that can block (scontrol) runs outside the handler.
@@ -60,6 +61,7 @@ class Preemption:
         record: Callable[..., None],
         worker_pids: Callable[[], list[int]],
         round_size: Callable[[], int] = lambda: 1,
+        lost_nodes: Callable[[], int] = lambda: 0,
     ) -> None:
         self.signum = signal.Signals[f"SIG{signal_name}"]
         self.grace = grace
@@ -69,6 +71,7 @@ class Preemption:
         self._record = record
         self._worker_pids = worker_pids
         self._round_size = round_size  # nodes in the current round (the agent's worker group)
+        self._lost_nodes = lost_nodes  # of those, how many are known lost (never say done)
         self.received_at: float | None = None
         self.requeued_by_us = False
         self.grace_expired = False
@@ -179,7 +182,7 @@ class Preemption:
     def _wait_for_the_other_nodes(self, poll: float = 0.2) -> dict[str, object]:
         """Wait until every node of the round said it is done, or the grace is over. Returns
         what to record: how many said so, and how long this took."""
-        expected = max(1, self._round_size())
+        expected = max(1, self._round_size() - self._lost_nodes())
         deadline = (self.received_at or time.time()) + self.grace
         t0 = time.time()
         done: list[str] = []

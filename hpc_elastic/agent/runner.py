@@ -37,7 +37,7 @@ from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.batch_heartbeat import SupervisorWatch, batch_host
 from hpc_elastic.config import JobConfig, load_config
-from hpc_elastic.excluded import exclude_node
+from hpc_elastic.excluded import exclude_node, read_excluded
 from hpc_elastic.identity import NodeIdentity
 from hpc_elastic.jobdir import JobDir, umask_for
 from hpc_elastic.rendezvous import create_handler
@@ -293,6 +293,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         record=events.record,
         worker_pids=lambda: worker_pids(agent),
         round_size=lambda: round_size(agent),
+        lost_nodes=lambda: len(lost_in_this_attempt(jobdir, ident)),
     )
     # A member job (grow, array task) does not own the run: its end shrinks the run, and only
     # the lead requeues it (hpc_elastic/members.py).
@@ -430,6 +431,12 @@ def worker_pids(agent: LocalElasticAgent) -> list[int]:
 def round_size(agent: LocalElasticAgent) -> int:
     """Nodes (agents) in the agent's current round; 1 before its first rendezvous."""
     return int(agent.get_worker_group().group_world_size or 1)
+
+
+def lost_in_this_attempt(jobdir: JobDir, ident: NodeIdentity) -> list[str]:
+    """Other nodes excluded as lost by this job attempt (hpc_elastic/excluded.py)."""
+    return [x.node for x in read_excluded(jobdir)
+            if x.job_id == ident.job_id and x.attempt == ident.attempt and x.node != ident.node]
 
 
 def _preempted(preemption: Preemption, events: Any, telemetry: Any, ident: NodeIdentity,
