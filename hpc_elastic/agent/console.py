@@ -12,6 +12,7 @@ nothing changes: an agent's stderr is its own node's Slurm log, where torch's li
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -34,12 +35,23 @@ def route_torch_logs(path: Path) -> Path | None:
     except (JobDirError, OSError):
         return None
     stream = os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="replace")
-    handler = logging.StreamHandler(stream)
+    handler = AgentLogHandler(stream)
     handler.setFormatter(_torch_formatter())
     logger = logging.getLogger(TORCH_ELASTIC_LOGGER)
     logger.addHandler(handler)
     logger.propagate = False  # "torch.distributed"'s handler writes to stderr
     return path
+
+
+class AgentLogHandler(logging.StreamHandler):
+    """Writes to ``agent.log``; a line that cannot be written there (a full or vanished job
+    directory) goes to stderr as one plain line -- not logging's "--- Logging error ---" with
+    a traceback, which would bury the agent's own final message about the failing disk."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        with contextlib.suppress(Exception):  # stderr is gone too: nothing left to tell
+            sys.stderr.write(f"[agent.log unwritable] {record.levelname}: "
+                             f"{record.getMessage()}\n")
 
 
 def _torch_formatter() -> logging.Formatter:
