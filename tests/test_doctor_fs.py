@@ -72,3 +72,20 @@ def test_doctor_measures_two_glusterfs_clients(sharedfs_clients, profile):
         # Gluster's default caches (1 s): a change is seen through the other client late
         assert max(worst for _, _, worst in rows.values()) >= 400, out
         assert "the client caches" in out or "[FAIL] cross-node visibility" in out, out
+
+
+@pytest.mark.slurm
+@pytest.mark.fs_profile("cached")
+def test_doctor_inside_a_two_node_allocation_measures_the_shared_volume(slurm_cluster, tmp_path):
+    """The way users run it: ``doctor`` inside a 2-node Slurm allocation probes the job
+    directory's filesystem from two nodes (their own GlusterFS clients) through srun."""
+    script = tmp_path / "doctor.sh"
+    script.write_text(f"#!/bin/bash\n{sys.executable} -m hpc_elastic doctor --dir {tmp_path}\n")
+    job = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--time=10",
+                               f"--output={tmp_path}/slurm-%j.out", script)
+    state = slurm_cluster.wait_job(job, timeout=420)
+    log = (tmp_path / f"slurm-{job}.out").read_text(errors="replace")
+    print(log)
+    assert state in ("COMPLETED", "FAILED"), f"job {job}: {state}\n{log}"
+    _rows(log)  # both delays measured, ten rounds each
+    assert "[ok  ] locks conflict across nodes" in log, log
