@@ -99,14 +99,35 @@ def summary(jobdir: JobDir) -> dict[str, Any]:
     return s
 
 
-def finish(batch: subprocess.Popen[str], timeout: float = 400) -> str:
+def finish(batch: subprocess.Popen[str], fake: Path, timeout: float = 400) -> str:
+    """The supervisor's output once it ended. Whatever is left of the test's processes (a fake
+    srun, an agent, its workers: they hold the output pipe open) is killed afterwards, so a
+    failing test fails instead of waiting for ever on that pipe."""
     try:
         output, _ = batch.communicate(timeout=timeout)
     finally:
         if batch.poll() is None:
             batch.kill()
-            batch.communicate()
+        kill_tagged(f"FAKE_SLURM_DIR={fake}")
     return output
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process whose environment holds ``tag`` (this test's FAKE_SLURM_DIR,
+    inherited by the fake srun, the agents and their workers): by PID, nothing else."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if tag.encode() in environ:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed
 
 
 def test_lost_node_ends_only_its_step_costs_one_restart_and_is_excluded(
@@ -122,7 +143,7 @@ def test_lost_node_ends_only_its_step_costs_one_restart_and_is_excluded(
         (fake / "down").write_text("n2\n")
         kill_agent(jobdir, "n2")
     finally:
-        output = finish(batch)
+        output = finish(batch, fake)
     assert batch.returncode == 0, output
     kinds = [(e["kind"], e.get("node")) for e in batch_events(jobdir)]
     assert ("node.excluded", "n2") in kinds and not [k for k in kinds if k[0] == "step.relaunched"]
@@ -162,7 +183,7 @@ def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path
         wait_for("n3's relaunched agent training", relaunched_trains, timeout=240)
         kill_agent(jobdir, "n3")
     finally:
-        output = finish(batch)
+        output = finish(batch, fake)
     assert batch.returncode == 0, output
     kinds = [(e["kind"], e.get("node")) for e in batch_events(jobdir)]
     assert kinds.count(("step.relaunched", "n3")) == 1, kinds
@@ -231,7 +252,7 @@ def test_too_few_nodes_left_requeues_the_job_without_the_lost_node(tmp_path: Pat
                  and "scontrol requeue 77" in (fake / "calls").read_text(), timeout=120)
         batch.send_signal(signal.SIGTERM)  # what Slurm does to the batch step after a requeue
     finally:
-        output = finish(batch, timeout=200)
+        output = finish(batch, fake, timeout=200)
     assert batch.returncode == 128 + signal.SIGTERM, output
     calls = (fake / "calls").read_text().splitlines()
     assert calls.count("scontrol requeue 77") == 1
@@ -263,7 +284,7 @@ def test_hot_spare_takes_the_lost_nodes_place_in_the_next_round(tmp_path: Path) 
         (fake / "down").write_text(f"{victim}\n")
         kill_agent(jobdir, victim)
     finally:
-        output = finish(batch)
+        output = finish(batch, fake)
     assert batch.returncode == 0, output
     s = summary(jobdir)
     assert s["status"] == "succeeded"
