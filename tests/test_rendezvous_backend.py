@@ -232,3 +232,44 @@ def test_a_held_lock_is_waited_for_in_the_queue_and_a_timed_out_wait_frees_it_la
     assert 1.2 < waited < 4, waited
     with lock.hold(1):
         pass
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_lock_wait_interrupted_by_a_signal_leaves_the_lock_free(tmp_path):
+    """torch's agent raises SIGTERM as an exception in the main thread, wherever it is. One that
+    lands while this process waits in the lock queue must not leave the queued request to be
+    granted later and then held by nobody: the other nodes could never take the lock again."""
+    layout = _layout(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_for, args=(str(layout.lock), 1.5, ready))
+    holder.start()
+    assert ready.wait(20)
+    lock = ProcessFileLock(layout.lock)
+
+    def interrupt(_signum, _frame):
+        raise _Interrupt("SIGALRM while queued")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(_Interrupt), lock.hold(20):
+            pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    holder.join(10)
+    # Another process gets the lock soon after the holder let go: nothing of ours holds it.
+    other = ctx.Process(target=_hold_for, args=(str(layout.lock), 0.0, ctx.Event()))
+    start = time.monotonic()
+    other.start()
+    other.join(10)
+    if other.is_alive():
+        other.kill()
+    assert other.exitcode == 0 and time.monotonic() - start < 5, "the lock stayed held"
+    with lock.hold(5):  # and this process can take it again
+        pass
+

@@ -44,6 +44,16 @@ class _StillQueued(Exception):
     """A queued lock request timed out; its helper thread keeps the process's mutex."""
 
 
+class _InterruptedWhileQueued(BaseException):
+    """The wait for a queued lock was interrupted by an exception -- torch's agent turns
+    SIGTERM into one in the main thread -- and the helper thread keeps the process's mutex.
+    Carries the interrupting exception, which :meth:`ProcessFileLock.hold` raises again."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
 def unsupported_message(directory: Path | str, exc: OSError) -> str:
     """One paragraph naming the errno, the mount option and the alternative."""
     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -128,6 +138,9 @@ class ProcessFileLock:
             except _StillQueued:
                 handed_over = True  # the helper thread releases the mutex
                 raise LockTimeoutError(self._timeout_message(timeout)) from None
+            except _InterruptedWhileQueued as interrupted:
+                handed_over = True  # likewise
+                raise interrupted.original from None
             self.acquisitions += 1
             self.wait_seconds += time.monotonic() - start
             try:
@@ -175,7 +188,18 @@ class ProcessFileLock:
             self._mutex.release()
 
         threading.Thread(target=wait_in_queue, name="sharedfs-lock-wait", daemon=True).start()
-        granted.wait(max(0.0, deadline - time.monotonic()))
+        try:
+            granted.wait(max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:
+            # Interrupted (SIGTERM raised by torch's handler, Ctrl-C): the queued request must
+            # not be granted later and then held by nobody until this process exits -- that
+            # would stop every node's rendezvous. Hand it to the helper, or drop a grant.
+            with guard:
+                if not granted.is_set():
+                    outcome["abandoned"] = True
+                    raise _InterruptedWhileQueued(exc) from exc
+            _unlock(fd, locked="error" not in outcome)
+            raise
         with guard:
             if not granted.is_set():
                 outcome["abandoned"] = True
