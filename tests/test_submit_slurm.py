@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster.fixture import SlurmCluster
 
-from hpc_elastic.jobdir import LOCAL_AGENTS, JobDir
+from hpc_elastic.jobdir import AGENT_LOG, LOCAL_AGENTS, JobDir
 from hpc_elastic.local import RESULT_FILE
 from hpc_elastic.telemetry import read_jsonl
 
@@ -67,14 +67,16 @@ def test_three_node_job_runs_to_success_with_every_nodes_logs(
 def layout(jobdir: JobDir) -> set[str]:
     """Relative paths with node names and ranks made generic. Mode-specific files are left out:
     Slurm's logs, the batch script, the batch supervisor's event log and the record of the
-    run's Slurm jobs; the local launcher's PID and result files; and the rendezvous directory
-    (named after the job id)."""
+    run's Slurm jobs; the local launcher's PID and result files and the agents' ``agent.log``
+    (torch's log lines, which go to the node's Slurm log on a cluster); and the rendezvous
+    directory (named after the job id)."""
     shapes = set()
     nodes = jobdir.node_names()
     for path in jobdir.path.rglob("*"):
         rel = str(path.relative_to(jobdir.path))
         if rel.startswith(("slurm/", "rendezvous/", "members/", "batch/")) or rel in (
-                LOCAL_AGENTS, RESULT_FILE, "sbatch.sh", "members", "batch"):
+                LOCAL_AGENTS, RESULT_FILE, "sbatch.sh", "members", "batch") or (
+                path.name == AGENT_LOG and path.parent.parent == jobdir.path / "nodes"):
             continue
         for index, node in enumerate(nodes):
             rel = rel.replace(f"nodes/{node}", f"nodes/node{index}")
