@@ -610,3 +610,26 @@ def test_plot_marks_hangs_and_stragglers(small_job: JobDir,
     rc, text = run_cmd(capsys, "plot", small_job.path, text=True)
     lanes_text = {line.split()[0]: line for line in text.splitlines()[:2]}
     assert "H" in lanes_text["n1"] and "S" in lanes_text["n2"] and "H" not in lanes_text["n2"]
+
+
+def test_a_lost_node_whose_agent_failed_does_not_fail_a_run_the_others_finished(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seen on the Slurm test cluster: a node cut off from the shared filesystem was excluded,
+    the others re-formed and finished, and its agent's late failure (ENOTCONN) made the summary
+    say FAILED although ``submit --wait`` returned 0."""
+    from hpc_elastic.excluded import exclude_node
+
+    write_events(small_job, "a", basic_node("a"))
+    write_events(small_job, "b", basic_node("b"))
+    write_events(small_job, "c", basic_node("c", end=None) + [
+        {"time": T0 + 8, "kind": "agent.failed", "failures": [],
+         "reason": "OSError: [Errno 107] Transport endpoint is not connected"}])
+    assert summary_of(small_job, capsys)["status"] == "failed"  # not excluded: it counts
+    exclude_node(small_job, "c", "lost: its step ended", "7", 0)
+    s = summary_of(small_job, capsys)
+    assert s["status"] == "succeeded"
+    assert [x["node"] for x in s["excluded_nodes"]] == ["c"]
+    # Nobody finished: the excluded node's failure is the job's.
+    write_events(small_job, "a", basic_node("a", end="shutdown"))
+    write_events(small_job, "b", basic_node("b", end="shutdown"))
+    assert summary_of(small_job, capsys)["status"] == "failed"

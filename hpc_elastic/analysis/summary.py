@@ -33,14 +33,19 @@ from .loader import Job
 from .model import AGENT_ERROR, NODE_CAUSES, JobModel, Round, build
 
 
-def status_of(m: JobModel) -> str:
-    """succeeded | failed | running | cancelled | unknown, from the LAST attempt's end events."""
+def status_of(m: JobModel, excluded: frozenset[str] = frozenset()) -> str:
+    """succeeded | failed | running | cancelled | unknown, from the LAST attempt's end events.
+
+    A node ``excluded`` from the run (lost: partitioned, frozen, its filesystem client dead)
+    whose agent failed once it was cut off does not fail a job that the other nodes finished:
+    the run went on without it, as designed. Its failure is still listed."""
     if not m.attempts:
         return "unknown"
     last = max(m.attempts)
     ends = m.terminal.get(last, {})
     values = set(ends.values())
-    if "failed" in values:
+    kept = {value for node, value in ends.items() if node not in excluded}
+    if "failed" in kept or ("failed" in values and "ok" not in kept):
         return "failed"
     if "ok" in values:
         return "succeeded"
@@ -112,7 +117,8 @@ def summarize(job: Job, now: float | None = None, queue_state: str | None = None
     final event in the job directory is ``ended``, and a note says where its final events are.
     """
     m = build(job)
-    status = status_of(m)
+    excluded = read_excluded(JobDir(job.path))
+    status = status_of(m, frozenset(x.node for x in excluded))
     if status in ("running", "unknown"):  # unknown: no events at all in the job directory
         if queue_state is None:
             why = agents_gone(job.dir)
@@ -181,7 +187,7 @@ def summarize(job: Job, now: float | None = None, queue_state: str | None = None
         "generations": 1 + sum(1 for e in batch if e.get("kind") == "generation.started"),
         "spare_swaps": sum(len(d.get("swapped_in") or []) for d in disruptions),
         "disruptions": disruptions,
-        "excluded_nodes": [r.to_json() for r in read_excluded(JobDir(job.path))],
+        "excluded_nodes": [r.to_json() for r in excluded],
         "node_health": health,
         "jobs": member_jobs(job, m),
         "events_read": m.events,
