@@ -212,15 +212,21 @@ def _hold_for(path: str, seconds: float, ready) -> None:
     os.close(fd)
 
 
+def _holding_for(lock: Path, seconds: float):
+    """A forked process that holds ``lock`` for ``seconds`` (started, and holding it)."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_for, args=(str(lock), seconds, ready))
+    holder.start()
+    assert ready.wait(20)
+    return holder
+
+
 def test_a_held_lock_is_waited_for_in_the_queue_and_a_timed_out_wait_frees_it_later(tmp_path):
     """A waiter is granted the lock as soon as the holder lets go (no polling delay); a wait
     that timed out leaves nothing held once its queued request completes."""
     layout = _layout(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_for, args=(str(layout.lock), 1.5, ready))
-    holder.start()
-    assert ready.wait(20)
+    holder = _holding_for(layout.lock, 1.5)
     lock = ProcessFileLock(layout.lock)
     start = time.monotonic()
     with pytest.raises(LockTimeoutError), lock.hold(0.3):
@@ -243,11 +249,7 @@ def test_a_lock_wait_interrupted_by_a_signal_leaves_the_lock_free(tmp_path):
     lands while this process waits in the lock queue must not leave the queued request to be
     granted later and then held by nobody: the other nodes could never take the lock again."""
     layout = _layout(tmp_path)
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_for, args=(str(layout.lock), 1.5, ready))
-    holder.start()
-    assert ready.wait(20)
+    holder = _holding_for(layout.lock, 1.5)
     lock = ProcessFileLock(layout.lock)
 
     def interrupt(_signum, _frame):
@@ -263,6 +265,7 @@ def test_a_lock_wait_interrupted_by_a_signal_leaves_the_lock_free(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     holder.join(10)
     # Another process gets the lock soon after the holder let go: nothing of ours holds it.
+    ctx = multiprocessing.get_context("fork")
     other = ctx.Process(target=_hold_for, args=(str(layout.lock), 0.0, ctx.Event()))
     start = time.monotonic()
     other.start()
