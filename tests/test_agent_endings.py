@@ -195,14 +195,19 @@ def read_only_nodes(tmp_path: Path) -> Iterator[JobDir]:
         subprocess.run(["umount", nodes], check=False)
 
 
+def run_local0_agent(jobdir: JobDir, job_id: str, tmpdir: Path) -> subprocess.CompletedProcess:
+    """One agent, as node local0 of job ``job_id``, with its own TMPDIR (its fallback logs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": job_id,
+             "TMPDIR": str(tmpdir)})
+
+
 def test_a_read_only_job_directory_puts_the_final_event_in_the_fallback(
         tmp_path: Path, read_only_nodes: JobDir) -> None:
     jobdir = read_only_nodes
-    result = subprocess.run(
-        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
-        capture_output=True, text=True, timeout=180,
-        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "t-ro",
-             "TMPDIR": str(tmp_path / "tmp")})
+    result = run_local0_agent(jobdir, "t-ro", tmp_path / "tmp")
     assert result.returncode == 1, result.stderr[-3000:]
     fallback = (tmp_path / "tmp" / f"hpc_elastic-logs-{os.getuid()}" / jobdir.path.name
                 / "nodes" / "local0")
@@ -233,11 +238,7 @@ def test_a_slurm_job_whose_job_directory_was_read_only_is_not_running_for_ever(
     jobdir = read_only_nodes
     write_submission(jobdir, Submission(mode="slurm", job_id="4242", submitted_at=time.time(),
                                         name="ending"))
-    result = subprocess.run(
-        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
-        capture_output=True, text=True, timeout=180,
-        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "4242",
-             "TMPDIR": str(tmp_path / "tmp")})
+    result = run_local0_agent(jobdir, "4242", tmp_path / "tmp")
     assert result.returncode == 1, result.stderr[-3000:]
     fake = tmp_path / "fake"
     fake.mkdir()
