@@ -57,8 +57,13 @@ def test_killed_client_and_remount(sharedfs_clients) -> None:
     fs = sharedfs_clients(2, "cached")
     (fs.path / "f").write_text("x")
     fs.kill_client(0)
-    dead = fs.run(0, ["stat", fs.path / "f"])
-    assert dead.returncode != 0 and "not connected" in dead.stderr, dead.stderr
+    # ECONNABORTED for the call the client was killed under (seen in CI), ENOTCONN after that
+    for _ in range(2):
+        dead = fs.run(0, ["stat", fs.path / "f"])
+        assert dead.returncode != 0 and (
+            "not connected" in dead.stderr or "connection abort" in dead.stderr
+        ), dead.stderr
+    assert "not connected" in dead.stderr, dead.stderr
     assert fs.run(1, ["cat", fs.path / "f"]).stdout == "x", "the other client is unaffected"
     fs.remount(0)
     assert fs.run(0, ["cat", fs.path / "f"]).stdout == "x"
