@@ -56,6 +56,31 @@ def test_a_recorded_pid_now_used_by_another_process_is_not_signalled(
     assert job_status(jobdir).queue_state == "ENDED"
 
 
+def test_a_process_recorded_right_after_it_was_started_is_recognised_later() -> None:
+    """Right after ``Popen`` returns the child may still be inside ``execve`` with an empty
+    ``/proc/<pid>/cmdline`` (before the fix: 90 of 200 records were empty). Such a record
+    matched nothing later, so ``cancel`` did not count or signal that agent."""
+    for _ in range(40):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            rec = procs.record(proc.pid)
+            assert rec is not None and rec.cmdline[-2:] == ("-c", "import time; time.sleep(30)")
+            assert procs.is_same(rec)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_zombie_is_not_recorded(bystander: subprocess.Popen[bytes]) -> None:
+    proc = subprocess.Popen(["true"])
+    while procs.start_ticks(proc.pid) is not None and procs.cmdline(proc.pid):
+        time.sleep(0.01)  # exited, not reaped: a zombie without a command line
+    started = time.monotonic()
+    assert procs.record(proc.pid) is None
+    assert time.monotonic() - started < 1, "a zombie is not waited for"
+    proc.wait()
+
+
 def test_a_file_with_bare_pids_only_signals_this_jobs_agents(
         tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
     """A job directory written before the launcher recorded start times: its PIDs are trusted
@@ -117,7 +142,10 @@ def test_cancel_stops_the_agents_of_a_running_local_job(tmp_path: Path) -> None:
         launcher.wait(timeout=60)
         assert job_status(jobdir).queue_state == "ENDED"
         for node in jobdir.node_names():
-            assert [e for e in read_jsonl(jobdir.events(node)) if e["kind"] == "shutdown"]
+            events = read_jsonl(jobdir.events(node))
+            assert [e for e in events if e["kind"] == "shutdown"], (
+                node, [(e["kind"], e.get("message")) for e in events],
+                (jobdir.path / "nodes" / node / "agent.log").read_text(errors="replace")[-3000:])
     finally:
         if launcher.poll() is None:
             launcher.kill()
