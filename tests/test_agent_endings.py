@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,39 @@ def test_a_join_timeout_is_the_agents_final_event_and_the_root_cause(tmp_path: P
     assert "ended: " in result.stderr and "Traceback" not in result.stderr
     status = job_status(jobdir).render()
     assert "agent: " in status and "Timeout" in status
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_waiting_for_the_other_nodes_leaves_a_shutdown_event(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """``scancel``/``cancel`` of a job whose rendezvous has not formed yet: torch's own signal
+    handler is not installed before the first workers start, and the agent used to die on the
+    spot -- no final event, the job "running" for ever (seen in test_cancel_local)."""
+    job = make_job(tmp_path, "print('never runs')\n", "nodes: 2")
+    config = load_config(job)
+    jobdir = JobDir(Path(config.job_root) / "ending-20260101-000000-abcd")
+    create_jobdir(config, jobdir)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "t-ending",
+             "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        deadline = time.monotonic() + 120
+        while not [e for e in events(jobdir.events("local0")) if e["kind"] == "rendezvous.started"]:
+            assert time.monotonic() < deadline and agent.poll() is None, "never joined"
+            time.sleep(0.1)
+        agent.send_signal(sig)
+        _, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 128 + sig, err[-2000:]
+    last = events(jobdir.events("local0"))[-1]
+    assert last["kind"] == "shutdown" and last["signal"] == sig.name, last
+    assert "Traceback" not in err, err[-2000:]
+    assert job_status(jobdir).as_dict()["status"] != "running"
 
 
 def test_an_unreadable_job_yaml_still_leaves_a_final_event(tmp_path: Path) -> None:

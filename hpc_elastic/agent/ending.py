@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -82,6 +83,21 @@ class Ending:
                           traceback="".join(traceback.format_exception(err))[-TRACEBACK_CHARS:])
             events.close()
         return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED
+
+    def stopped(self, err: Any) -> int:
+        """The agent was stopped by a signal (``err``: torch's ``SignalException``) before
+        torch's agent ran -- while it read the job or set up: the same final ``shutdown`` event
+        and exit code (128 + signal) as a stop during training."""
+        for sig in (signal.SIGTERM, signal.SIGINT):  # nothing may cut the wrap-up short
+            signal.signal(sig, signal.SIG_IGN)
+        if self.handler is not None:
+            with contextlib.suppress(Exception):
+                self.handler.depart()
+        events = self.events or self._bare_event_log()
+        if events is not None:
+            events.record("shutdown", signal=err.sigval.name)
+            events.close()
+        return 128 + int(err.sigval)
 
     def rescue(self, line: dict[str, Any]) -> None:
         """Called with a final event the event log could not write."""

@@ -221,10 +221,31 @@ def run_agent(target: str | Path) -> int:
     says why (hpc_elastic/agent/ending.py).
     """
     ending = Ending()
+    _stop_on_signals()
     try:
         return _run_agent(target, ending)
+    except SignalException as err:  # stopped while setting up, before torch's agent ran
+        return ending.stopped(err)
     except Exception as err:  # noqa: BLE001 - every end gets its final event, then the code
         return ending.crashed(err)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM/SIGINT raise ``SignalException`` from the agent's first line on.
+
+    Why: torch installs that handler only when it starts the first workers. Before -- reading
+    the job, waiting in the rendezvous for the other nodes, which can take minutes -- the
+    default action killed the agent on the spot: no final event, no departure from the
+    rendezvous (``scancel`` or ``cancel`` of a job still forming left "running" nodes behind,
+    seen in tests/test_cancel_local.py). A signal this process inherited as ignored stays
+    ignored (``nohup``, a shell's background job)."""
+    def stop(received: int, _frame: object) -> None:
+        raise SignalException(f"Process {os.getpid()} got signal: {received}",
+                              sigval=signal.Signals(received))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, stop)
 
 
 def _run_agent(target: str | Path, ending: Ending) -> int:
@@ -357,7 +378,10 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
             # preemption, not a failure (and the rendezvous of this attempt is left as is).
             return _preempted(preemption, events, telemetry, ident, ended_by=err.sigval.name)
         # Stopped from outside (scancel, the end of a grow job): leave the run without closing
-        # it, so the other nodes -- of other jobs, too -- re-form at once and go on.
+        # it, so the other nodes -- of other jobs, too -- re-form at once and go on. A second
+        # signal (the launcher and ``cancel`` both send one) must not cut this wrap-up short.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         handler.depart()
         events.record("shutdown", signal=err.sigval.name)
         telemetry.close()
