@@ -59,7 +59,7 @@ from typing import Any
 
 from hpc_elastic.batch_heartbeat import SupervisorHeartbeat
 from hpc_elastic.config import JobConfig
-from hpc_elastic.excluded import exclude_node, excluded_names
+from hpc_elastic.excluded import exclude_lost_nodes, exclude_node, excluded_names
 from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir, file_mode_in, make_dir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
@@ -278,6 +278,7 @@ class Supervisor:
                 if time.monotonic() - finished_at > FINISH_GRACE_S:
                     self._end_leftovers()
             if not self.steps and self._may_go_on():
+                self.exclude_lost()
                 left = usable([n for n in self.nodes if n not in excluded_names(self.jobdir)])
                 if not self._new_generation(left):
                     break
@@ -324,6 +325,11 @@ class Supervisor:
                             generation=self.generation, launch=step.launch + 1)
             self.launch(step.node, step.launch + 1)
         # else: no agent is left; run() starts a new generation on every usable node.
+
+    def exclude_lost(self) -> None:
+        """Before every node is started again: exclude the nodes the analysis finds lost in
+        this attempt (hpc_elastic/excluded.py), which Slurm may still count as up."""
+        _exclude_lost(self.jobdir, self.job_id, self.attempt, self.log)
 
     def exclude(self, node: str, reason: str) -> None:
         new = exclude_node(self.jobdir, node, reason, self.job_id, self.attempt)
@@ -424,6 +430,7 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
     allocated = hostnames(env.get("SLURM_JOB_NODELIST", ""))
     if attempt > 0:
         _exclude_dead_batch_host(jobdir, job_id, attempt - 1, log)
+        _exclude_lost(jobdir, job_id, attempt - 1, log)
     excluded = set(excluded_names(jobdir))
     nodes = [n for n in allocated if n not in excluded]
     # max_nodes train; up to ``spares`` more agents stand by in the rendezvous (it completes a
@@ -458,6 +465,7 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         else:
             _cancel_members(jobdir, job_id)
         if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
+            _exclude_lost(jobdir, job_id, attempt, log)
             _exclude_from_next_attempt(jobdir, job_id, log)
         log.record("batch.end", f"ending with {rc} (outcome {supervisor.outcome})", rc=rc,
                    outcome=supervisor.outcome, generation=supervisor.generation)
@@ -466,6 +474,20 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         if heartbeat is not None:
             heartbeat.stop()
         log.close()
+
+
+def _exclude_lost(jobdir: JobDir, job_id: str, attempt: int, log: BatchLog) -> None:
+    """Exclude the nodes the analysis finds lost in ``attempt`` (see exclude_lost_nodes); an
+    analysis that fails (damaged files) must not stop the supervisor, so it is only logged."""
+    try:
+        found = exclude_lost_nodes(jobdir, job_id, attempt)
+    except Exception as exc:  # noqa: BLE001 - the relaunch or requeue goes on without it
+        log.record("node.exclude_failed", f"could not analyse attempt {attempt} for lost "
+                   f"nodes: {exc!r}", error=repr(exc))
+        return
+    for node, reason in found:
+        log.record("node.excluded", f"{node} excluded from this run: {reason}", node=node,
+                   reason=reason, new=True)
 
 
 def _exclude_from_next_attempt(jobdir: JobDir, job_id: str, log: BatchLog) -> None:

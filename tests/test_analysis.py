@@ -633,3 +633,53 @@ def test_a_lost_node_whose_agent_failed_does_not_fail_a_run_the_others_finished(
     write_events(small_job, "a", basic_node("a", end="shutdown"))
     write_events(small_job, "b", basic_node("b", end="shutdown"))
     assert summary_of(small_job, capsys)["status"] == "failed"
+
+
+def lost_n2_run(heartbeat: bool) -> dict[str, list[dict[str, Any]]]:
+    """n1, n2, n3 train; n2 vanishes and n1, n3 re-form without it and finish."""
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    for node, more in survivors_reform(heartbeat, 10.6, 1).items():
+        ev[node] += more
+    return ev
+
+
+@pytest.mark.parametrize("heartbeat", [True, False], ids=["node_dead", "left_rendezvous_only"])
+def test_a_node_the_analysis_finds_lost_is_excluded_once(
+        small_job: JobDir, capsys: pytest.CaptureFixture[str], heartbeat: bool) -> None:
+    """Issue 15 item 5: the node whose loss the analysis names (the others declared it dead, or
+    formed a round without it) is excluded from the run -- what the supervisor does before a
+    new generation, a requeue, and the next attempt -- and the summary lists it."""
+    from hpc_elastic.excluded import exclude_lost_nodes, read_excluded
+
+    write_job(small_job, lost_n2_run(heartbeat))
+    ((node, reason),) = exclude_lost_nodes(small_job, "7", 0)
+    assert node == "n2" and reason.startswith("the analysis finds it lost in attempt 0: node n2 "
+                                              "lost: ")
+    assert exclude_lost_nodes(small_job, "7", 0) == []  # recorded once
+    assert exclude_lost_nodes(small_job, "7", 1) == []  # another attempt's losses only
+    ((record),) = read_excluded(small_job)
+    assert (record.node, record.job_id, record.attempt) == ("n2", "7", 0)
+    assert [(x["node"], x["reason"]) for x in summary_of(small_job, capsys)["excluded_nodes"]] \
+        == [("n2", reason)]
+
+
+def test_a_lost_node_that_came_back_or_was_only_outlived_is_not_excluded(
+        small_job: JobDir) -> None:
+    """Not every silence takes a node away: n2 rejoined after its loss (a frozen node thawed,
+    a relaunched agent) and trained on; or it only fell silent while the others ended (as when
+    a requeue kills an agent before its final event), with no round formed without it."""
+    from hpc_elastic.excluded import exclude_lost_nodes, read_excluded
+
+    ev = lost_n2_run(heartbeat=True)
+    ev["n2"] += [start("n2", 15)] + joined("n2", 15.1, 2, 2, 3, restart=2) + end("n2", 20, 2)
+    write_job(small_job, ev)
+    assert exclude_lost_nodes(small_job, "7", 0) == []
+    ev = {n: [start(n, 1)] + joined(n, 1.1, 0, g, 3) for n, g in (("n1", 0), ("n2", 1), ("n3", 2))}
+    for node in ("n1", "n3"):
+        ev[node] += end(node, 12, 0)
+    write_job(small_job, ev)
+    from hpc_elastic.analysis.loader import Job
+    from hpc_elastic.analysis.model import build
+
+    assert [c["evidence"] for c in build(Job(small_job)).losses] == [["outlived"]]
+    assert exclude_lost_nodes(small_job, "7", 0) == [] and read_excluded(small_job) == []

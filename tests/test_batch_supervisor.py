@@ -203,26 +203,33 @@ def test_vanished_agent_on_a_live_node_is_relaunched_once_then_excluded(tmp_path
 def test_requeued_attempt_excludes_a_dead_batch_host_and_asks_slurm_to(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Attempt 0's supervisor left no ``batch.end`` (its node died with it) and Slurm reports
-    that node down: attempt 1 excludes it and does not start an agent there (here the one node
-    left is below ``min_nodes``, so it starts none and says why). A requeue then asks Slurm to
-    leave the excluded nodes out of the next allocation (``ExcNodeList``)."""
+    that node down: attempt 1 excludes it and does not start an agent there. Slurm still counts
+    n2 up, but the agents' events show it lost in attempt 0 (the others declared it dead and
+    re-formed without it, the analysis' ``node_lost``): excluded too. The one node left is below
+    ``min_nodes``, so it starts none and says why. A requeue then asks Slurm to leave the
+    excluded nodes out of the next allocation (``ExcNodeList``)."""
+    from test_analysis import lost_n2_run, write_events
+
     jobdir = make_jobdir(tmp_path)
     jobdir.supervisor.mkdir()
     jobdir.supervisor_events("77", 0).write_text(json.dumps(
         {"v": 1, "time": time.time(), "kind": "batch.start", "host": "n1"}) + "\n")
+    for node, lines in lost_n2_run(heartbeat=True).items():
+        write_events(jobdir, node, lines)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "down").write_text("n1\n")
     env = {**os.environ, "PATH": f"{FAKE_SLURM}:{os.environ['PATH']}",
-           "FAKE_SLURM_DIR": str(fake), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1,n2",
-           "SLURM_RESTART_COUNT": "1", "SLURMD_NODENAME": "n2"}
+           "FAKE_SLURM_DIR": str(fake), "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "n1,n2,n3",
+           "SLURM_RESTART_COUNT": "1", "SLURMD_NODENAME": "n3"}
     out = subprocess.run([sys.executable, "-m", "hpc_elastic", "batch", str(jobdir.path)],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "n1 excluded from this run: the batch host of attempt 0 died" in out.stdout
+    assert "n2 excluded from this run: the analysis finds it lost in attempt 0: node n2 lost: " \
+        "no heartbeat since" in out.stdout
     assert "only 1 usable node(s), min 2" in out.stdout
-    (record,) = read_excluded(jobdir)
-    assert (record.node, record.attempt) == ("n1", 0)
+    assert [(r.node, r.attempt) for r in read_excluded(jobdir)] == [("n1", 0), ("n2", 0)]
     assert not list(jobdir.slurm_logs.glob("*_log.out")), "an agent step was started"
 
     from hpc_elastic.batch import BatchLog, _exclude_from_next_attempt
@@ -230,7 +237,7 @@ def test_requeued_attempt_excludes_a_dead_batch_host_and_asks_slurm_to(
     monkeypatch.setenv("FAKE_SLURM_DIR", str(fake))
     _exclude_from_next_attempt(jobdir, "77", BatchLog(jobdir, "77", 1))
     calls = (fake / "calls").read_text().splitlines()
-    assert "scontrol update JobId=77 ExcNodeList=n1" in calls
+    assert "scontrol update JobId=77 ExcNodeList=n1,n2" in calls
 
 
 def test_too_few_nodes_left_requeues_the_job_without_the_lost_node(tmp_path: Path) -> None:

@@ -26,7 +26,6 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
-from hpc_elastic import slurm
 from hpc_elastic.agent import console
 from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
@@ -37,7 +36,7 @@ from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.batch_heartbeat import SupervisorWatch, batch_host
 from hpc_elastic.config import JobConfig, load_config
-from hpc_elastic.excluded import exclude_node, read_excluded
+from hpc_elastic.excluded import exclude_node, read_excluded, requeue_without_excluded
 from hpc_elastic.identity import NodeIdentity
 from hpc_elastic.jobdir import JobDir, umask_for
 from hpc_elastic.rendezvous import create_handler
@@ -310,7 +309,8 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         node=ident.node,
         # Local mode: the launcher relaunches when every agent exits EXIT_REQUEUED; the claim
         # still picks one node, so both modes log exactly one ``requeue`` event.
-        requeue=(lambda: slurm.requeue(ident.job_id)) if ident.in_slurm else (lambda: None),
+        requeue=(lambda: _requeue(jobdir, ident, events.record)) if ident.in_slurm
+        else (lambda: None),
         record=events.record,
         worker_pids=lambda: worker_pids(agent),
         round_size=lambda: round_size(agent),
@@ -434,6 +434,14 @@ def _batch_host_lost(jobdir: JobDir, ident: NodeIdentity, silent: float,
             pass
     record("batch.lost", host=host, silent_s=round(silent, 3), excluded=excluded)
     os.kill(os.getpid(), signum)
+
+
+def _requeue(jobdir: JobDir, ident: NodeIdentity, record: Callable[..., None]) -> None:
+    """``scontrol requeue`` and, at once, the run's excluded nodes into the pending job's
+    ``ExcNodeList`` (after the batch host's loss nobody else is left to set it)."""
+    excluded = requeue_without_excluded(jobdir, ident.job_id)
+    if excluded:
+        record("requeue.excluded", nodes=excluded)
 
 
 def _leave_on_signal(signum: int) -> None:

@@ -82,6 +82,8 @@ DIRECT_KINDS: dict[str, str] = {
     "likely lost): the agents checkpoint and requeue as after a preemption signal: host, "
     "silent_s, excluded",
     "requeue.failed": "the requeue failed: error",
+    "requeue.excluded": "after its requeue, this node asked Slurm to leave the run's excluded "
+    "nodes out of the next allocation (ExcNodeList): nodes",
     "agent.preempted": "the agent ends after a preemption: requeued_by_this_node",
     "agent.succeeded": "the agent ends, workers succeeded: elapsed_s",
     "agent.failed": "the agent ends, workers failed: elapsed_s, failures; or the agent itself "
