@@ -1,15 +1,22 @@
 """A node cut off from the others and from the shared filesystem -- partitioned, frozen, or its
-filesystem client dead -- on the real Slurm test cluster, on its default (``cached``) volume.
+filesystem client dead -- on the real Slurm test cluster.
 
 What a user relies on (issue #18, parts 2 and 3): the others train again within
 ``heartbeat_timeout`` + 5 s, without waiting for Slurm to notice; the cut-off node never goes on
 as part of the old group (it takes part in no round after the others re-formed without it,
 except a later one it rejoins); the job finishes from its checkpoint. The victim is neither the
 batch host (its loss is a requeue, tests/test_e2e_slurm.py) nor rank 0's node.
+
+Slurm ends the victim's step once it marks the node down (SlurmdTimeout is short here), so the
+victim's own fencing is tested without Slurm, in tests/test_fencing_sharedfs.py, which in the
+suite runs the partition (``cached``) and the freeze (``coherent``). The suite runs here the
+third fault, a dead filesystem client, on ``coherent`` (issue #13's time budget: ~1 min each);
+``HPC_ELASTIC_ALL_FAULTS=1`` runs all three faults on both volumes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,13 +32,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 HEARTBEAT_TIMEOUT = 3  # e2e_helpers.FAST_RDZV
 
 
-def cut_off(cluster: SlurmCluster, node: str, fault: str) -> None:
+def cut_off(cluster: SlurmCluster, node: str, fault: str, profile: str) -> None:
     if fault == "partition":
         cluster.partition_node(node)
     elif fault == "freeze":
         cluster.freeze(node)
     else:
-        cluster.kill_fs_client(node)
+        cluster.kill_fs_client(node, profile)
 
 
 def undo(cluster: SlurmCluster, node: str, fault: str) -> None:
@@ -46,16 +53,23 @@ def rounds_joined(events: list[dict[str, Any]], after: float) -> list[dict[str, 
     return [e for e in events if e["kind"] == "rendezvous.completed" and e["time"] > after]
 
 
-@pytest.mark.parametrize("fault", ["partition", "freeze", "fs_client_dies"])
+FAULTS = ("partition", "freeze", "fs_client_dies")
+ALL = [pytest.param(f, p, marks=pytest.mark.fs_profile(p)) for f in FAULTS
+       for p in ("cached", "coherent")]
+SUITE = [pytest.param("fs_client_dies", "coherent", marks=pytest.mark.fs_profile("coherent"))]
+CASES = ALL if os.environ.get("HPC_ELASTIC_ALL_FAULTS", "") not in ("", "0") else SUITE
+
+
+@pytest.mark.parametrize(("fault", "profile"), CASES)
 def test_a_cut_off_node_is_fenced_and_the_others_train_again(
-    slurm_cluster: SlurmCluster, tmp_path: Path, fault: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, fault: str, profile: str
 ) -> None:
     launcher, jobdir, batch_host, nodes, rank0 = start_three_nodes(slurm_cluster, tmp_path)
     victim = next(n for n in nodes if n not in (batch_host, rank0))
     try:
         wait_for("epoch 0's checkpoint", (jobdir.checkpoints / "last.pt").exists, timeout=60)
         cut_at = time.time()
-        cut_off(slurm_cluster, victim, fault)
+        cut_off(slurm_cluster, victim, fault, profile)
         reformed = wait_for("the others' round without the victim",
                             lambda: round_without(jobdir, victim, cut_at), timeout=60)
         # Keep it cut off well past heartbeat_timeout, then let it back: it must not go on
@@ -73,8 +87,8 @@ def test_a_cut_off_node_is_fenced_and_the_others_train_again(
         summary = summary_json(jobdir)
         text = summary_text(jobdir)
         victim_events = node_events(jobdir, victim)
-        print(f"{fault}: the others trained again {reformed - cut_at:.1f} s after the cut; "
-              f"undone {undone_at - cut_at:.1f} s after it; victim's events after the cut: "
+        print(f"{fault} on {profile}: the others trained again {reformed - cut_at:.1f} s after "
+              f"the cut; undone {undone_at - cut_at:.1f} s after it; victim's events after it: "
               f"{[e['kind'] for e in victim_events if e['time'] > cut_at]}")
         assert launcher.returncode == 0, output[-3000:] + slurm_logs(jobdir)
         assert reformed - cut_at <= HEARTBEAT_TIMEOUT + 5

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -134,7 +136,7 @@ def test_a_node_whose_heartbeat_cannot_be_made_durable_fences_itself(tmp_path):
             assert h.num_nodes_waiting() == 0, "a short hiccup is not fatal"
             time.sleep(0.05)
         deadline = time.monotonic() + 5
-        with pytest.raises(FencedError, match="heartbeat has not reached"):
+        with pytest.raises(FencedError, match="heartbeat writes fail .EBADFD.*fenced from"):
             while time.monotonic() < deadline:
                 h.num_nodes_waiting()
                 time.sleep(0.05)
@@ -168,3 +170,90 @@ def test_polls_survive_estale_and_missing_state_files(tmp_path):
             h.shutdown()
     finally:
         undo()
+
+
+def test_a_blocked_heartbeat_fences_the_node_while_every_other_thread_is_stuck(tmp_path):
+    """A partitioned client: the heartbeat write hangs (no error, as in FUSE until the ping
+    timeout). Nobody calls the handler meanwhile (the agent's main thread is stuck in the
+    filesystem too): the watch thread alone fences the node and stops its workers
+    (``on_fenced``) before the others may declare it dead; afterwards the node never closes
+    the run, and its departure writes nothing."""
+    conf = {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.8, "join_timeout": 10,
+            "last_call_timeout": 1}
+    h = create_handler(tmp_path, "run", 1, 1, local_addr="127.0.0.1", **conf)
+    stuck = threading.Event()
+    stopped: list[float] = []
+    try:
+        h.next_rendezvous()
+        h.on_fenced = lambda: stopped.append(time.monotonic())
+        h._beater.beat = lambda: stuck.wait(30)
+        blocked_at = time.monotonic()
+        deadline = blocked_at + 5
+        while not stopped and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stopped, "the workers were not stopped"
+        assert stopped[0] - blocked_at < 0.8, "stopped before the others may declare it dead"
+        assert h.fenced is not None
+        text = str(h.fenced)
+        assert "lost the shared filesystem" in text and "blocked" in text, text
+        assert "fenced from rendezvous 'run'" in text and "after round 0" in text, text
+        version = StateFile(RunLayout(tmp_path, "run"), 5).read().version
+        with pytest.raises(FencedError):
+            h.set_closed()
+        assert h.depart() is False
+        after = StateFile(RunLayout(tmp_path, "run"), 5).read()
+        assert after.version == version and not after.closed, "a fenced node wrote the state"
+        assert len(stopped) == 1
+    finally:
+        stuck.set()
+        h._hb_stop.set()
+
+
+def test_a_lost_filesystem_error_becomes_the_fencing_reason(tmp_path):
+    """What the agent ends with (hpc_elastic/agent/ending.py): a bare ENOTCONN from anywhere
+    becomes one paragraph that says the node lost the filesystem and was fenced; other errors
+    stay what they are."""
+    h = create_handler(tmp_path, "run", 1, 1, local_addr="127.0.0.1", join_timeout=10,
+                       last_call_timeout=1)
+    try:
+        h.next_rendezvous()
+        full = OSError(errno.ENOSPC, "No space left on device")
+        assert h.explain(full) is full and h.fenced is None
+        err = OSError(errno.ENOTCONN, "Transport endpoint is not connected", "/x/events.jsonl")
+        fenced = h.explain(err)
+        assert isinstance(fenced, FencedError) and h.fenced is fenced
+        assert "ENOTCONN: Transport endpoint is not connected (/x/events.jsonl)" in str(fenced)
+        assert "fenced from rendezvous" in str(fenced)
+        assert h.explain(full) is fenced, "the first reason stays the reason"
+        with pytest.raises(FencedError):
+            h.num_nodes_waiting()
+    finally:
+        h._hb_stop.set()
+
+
+def test_a_frozen_node_is_fenced_when_it_runs_again(tmp_path):
+    """SIGSTOP for longer than heartbeat_timeout, then SIGCONT: the node's first act is to
+    fence itself (it must not beat, judge its peers or rejoin as if nothing happened)."""
+    script = (
+        "import sys, time\n"
+        "from hpc_elastic.rendezvous import create_handler\n"
+        "h = create_handler(sys.argv[1], 'run', 1, 1, local_addr='127.0.0.1', "
+        "heartbeat_interval=0.1, heartbeat_timeout=0.8, join_timeout=10, last_call_timeout=1)\n"
+        "h.on_fenced = lambda: print('stopped', flush=True)\n"
+        "h.next_rendezvous(); print('ready', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "print('fenced' if h.fenced else 'not fenced', h.fenced, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), "3"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.startswith("stopped\nfenced"), out
+    assert "did not run for" in out and "frozen" in out, out

@@ -161,8 +161,12 @@ def test_a_node_whose_own_heartbeat_fails_still_finds_a_frozen_peer_dead(tmp_pat
         def broken():
             raise OSError(errno.EIO, "Input/output error")
 
-        me._beater.beat = broken  # our own heartbeat can no longer be written
+        # The peer freezes; a little later our own heartbeat can no longer be written. Until
+        # we are fenced ourselves (heartbeat_timeout - interval after our last good beat; from
+        # then on a fenced node judges nobody) we still judge the frozen peer.
         os.kill(peer.pid, signal.SIGSTOP)
+        time.sleep(0.8)
+        me._beater.beat = broken
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             state = StateFile(me._layout, 5).read()

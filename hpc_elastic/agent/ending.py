@@ -69,7 +69,16 @@ class Ending:
             make_reserve(self.jobdir.node(self.node) / RESERVE_NAME)
 
     def crashed(self, err: BaseException) -> int:
-        """The agent ends with ``err``: record why, leave the run, return the exit code."""
+        """The agent ends with ``err``: record why, leave the run, return the exit code.
+
+        A node cut off from the shared filesystem ends with the rendezvous' fencing reason
+        (what happened, that the others went on without it, what it did not write), not with
+        the bare ``OSError`` (ENOTCONN, EBADFD) that happened to surface first."""
+        original = err
+        explain = getattr(self.handler, "explain", None)
+        if explain is not None:
+            with contextlib.suppress(Exception):
+                err = explain(err)
         reason = one_line(err)
         if self.handler is not None:
             # The others re-form at once instead of waiting for our heartbeat to stop; the
@@ -80,7 +89,8 @@ class Ending:
         print(f"hpc_elastic agent on {self.node}: ended: {reason}", file=sys.stderr, flush=True)
         if events is not None:
             events.record("agent.failed", reason=reason, error_type=type(err).__name__,
-                          traceback="".join(traceback.format_exception(err))[-TRACEBACK_CHARS:])
+                          traceback="".join(
+                              traceback.format_exception(original))[-TRACEBACK_CHARS:])
             events.close()
         return EXIT_BAD_INPUT if isinstance(err, ConfigError) else EXIT_FAILED
 

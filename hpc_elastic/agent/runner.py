@@ -8,6 +8,7 @@ script runs unchanged, plus ``HPC_ELASTIC_*`` extras (checkpoint dir, preemption
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -290,6 +291,10 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         heartbeat_timeout=rdzv.heartbeat_timeout,
     )
     ending.handler = handler
+    # Fenced (cut off from the shared filesystem, or frozen, for heartbeat_timeout): the workers
+    # die at once, from the handler's watch thread -- the main thread may be stuck in the
+    # filesystem -- so that they never write a checkpoint after the others re-formed.
+    handler.on_fenced = lambda: kill_workers(agent)
     spec = WorkerSpec(
         role=ROLE,
         local_world_size=config.nproc_per_node,
@@ -458,6 +463,16 @@ def worker_pids(agent: LocalElasticAgent) -> list[int]:
     """PIDs of the agent's current workers (none before the first start)."""
     group = agent.get_worker_group()
     return [w.id for w in group.workers if isinstance(w.id, int) and w.id > 0]
+
+
+def kill_workers(agent: LocalElasticAgent) -> None:
+    """SIGKILL the current workers (their process groups: binary workers lead their own)."""
+    for pid in worker_pids(agent):
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
 
 
 def round_size(agent: LocalElasticAgent) -> int:

@@ -10,6 +10,7 @@ reader's own monotonic clock.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -65,6 +66,18 @@ def free_port() -> int:
     raise OSError("no free TCP port on this node")
 
 
+#: errnos with which a network filesystem client says it lost its server (or its locks):
+#: the node is cut off from the others' state, whatever the file.
+LOST_FS_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.EBADFD, errno.ESHUTDOWN,
+                            errno.ECONNRESET, errno.ETIMEDOUT, errno.EIO, errno.ENODEV})
+
+
+def lost_fs_name(err: OSError) -> str:
+    """``ENOTCONN: Transport endpoint is not connected`` for an ``OSError``."""
+    name = errno.errorcode.get(err.errno or 0, str(err.errno))
+    return f"{name}: {err.strerror or os.strerror(err.errno or 0)}"
+
+
 def _matters(head: Head) -> tuple:
     """The part of the head whose change a waiting node must look at at once."""
     return head.round, head.phase, head.closed, head.nd
@@ -103,7 +116,16 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         #: and since when beats fail (None: the last one worked). See :meth:`_check_fenced`.
         self._beat_ok_at = time.monotonic()
         self._beat_failing_since: float | None = None
+        #: Monotonic time a beat started that has not returned yet (None: no beat under way).
+        self._beat_since: float | None = None
+        self._last_beat_error: OSError | None = None
         self._fenced: FencedError | None = None
+        self._fence_lock = threading.Lock()
+        self._watch_thread: threading.Thread | None = None
+        #: Called (once, from whichever thread notices) when this node is fenced, before
+        #: anything else happens -- even while the main thread is blocked in the filesystem.
+        #: The hpc_elastic agent kills its workers here (hpc_elastic/agent/runner.py).
+        self.on_fenced: Callable[[], None] | None = None
         #: Called with (round, world size) each time this node completes a round, before the
         #: agent starts the round's workers (under torchrun: the hang watch, see
         #: hpc_elastic/agent/torchrun_hangs.py); ``on_shutdown`` when the rendezvous closes.
@@ -156,12 +178,13 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             state = self._step(endpoint, leaving)
             state = self._wait(state, endpoint, leaving, start, deadline)
         except Exception as exc:
-            if isinstance(exc, FencedError):
-                self._fence(exc)
+            fenced = self.explain(exc)
             self._events.emit(
-                "failed", f"{type(exc).__name__}: {exc}", error=type(exc).__name__,
+                "failed", f"{type(fenced).__name__}: {fenced}", error=type(fenced).__name__,
                 duration_ms=round((time.monotonic() - start) * 1000, 3),
             )
+            if fenced is not exc:
+                raise fenced from exc
             raise
         return self._result(state, start)
 
@@ -478,6 +501,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         return bool(head and head.closed)
 
     def set_closed(self) -> None:
+        # A fenced node must never end the run for the others that went on without it.
+        self._check_fenced()
         self._state_file.transact(lambda st: bool(protocol.close(st)),
                                   timeout=self._settings.close_timeout)
         self._events.emit("closed", "closed the rendezvous", round=self._round)
@@ -507,6 +532,10 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return True
         self._shut = True
         self._stop_heartbeats()
+        if self._fenced is not None:
+            # Its view of the state may be stale and its lock gone; the others declare it dead
+            # by its heartbeat (stopped) anyway. A fenced node writes nothing.
+            return False
         s = self._settings
 
         def change(st: State) -> bool:
@@ -527,10 +556,15 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         if self._hb_thread is not None:
             return
         self._beater.beat()  # before joining: watchers must find a counter from the start
+        self._beat_ok_at = time.monotonic()
         self._hb_thread = threading.Thread(
             target=self._heartbeat_loop, name=f"sharedfs-heartbeat-{self._node}", daemon=True
         )
         self._hb_thread.start()
+        self._watch_thread = threading.Thread(
+            target=self._fence_watch, name=f"sharedfs-fence-{self._node}", daemon=True
+        )
+        self._watch_thread.start()
         self._events.emit("heartbeat_started", "heartbeat thread started")
 
     def _stop_heartbeats(self) -> None:
@@ -541,6 +575,10 @@ class SharedFSRendezvousHandler(RendezvousHandler):
     def _heartbeat_loop(self) -> None:
         cached: State | None = None
         while not self._hb_stop.wait(self._settings.heartbeat_interval):
+            # A node that was silent too long (frozen, or its last beat blocked) is fenced
+            # *before* it beats again: a fresh beat must not hide that the others gave up on it.
+            if self._check_silence() is not None:
+                return  # fenced: no more beats, and a fenced node judges nobody
             self._beat()
             # Judge the peers whatever happened to our own beat: a node whose heartbeat write
             # fails must still find a frozen peer dead (a blind spot otherwise).
@@ -550,63 +588,153 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                     cached = self._state_file.read() or cached
             except Exception:  # keep the last view; the files are retried on the next beat
                 logger.debug("heartbeat: could not read the state", exc_info=True)
-            if cached is None or cached.closed:
+            if cached is None or cached.closed or self._fenced is not None:
                 continue
             try:
                 watched = watch_set(protocol.members(cached), self._node, WATCH_FANOUT)
                 dead = self._observer.observe(watched)
-                if dead and not self._hb_stop.is_set():
+                if dead and not self._hb_stop.is_set() and self._check_silence() is None:
                     self._declare_dead(sorted(dead), dead)
             except FencedError as exc:
-                self._fence(exc)
+                self.explain(exc)
+                return
             except Exception:  # keep beating whatever happens
                 logger.warning("sharedfs heartbeat: judging the peers failed", exc_info=True)
 
+    def _fence_watch(self) -> None:
+        """Notice silence without touching the filesystem: when this node's last durable
+        heartbeat is too old -- its beats fail, one is blocked in a partitioned client, or the
+        node was frozen -- fence it (:meth:`on_fenced` stops the workers) even while every
+        other thread of the agent is stuck in a filesystem call."""
+        period = max(0.05, min(self._settings.heartbeat_interval / 2, 0.5))
+        while not self._hb_stop.wait(period):
+            if self._check_silence() is not None:
+                return
+
     def _beat(self) -> None:
-        now = time.monotonic()
+        self._beat_since = time.monotonic()
         try:
             self._beater.beat()
         except OSError as exc:
             if self._beat_failing_since is None:
-                self._beat_failing_since = now
+                self._beat_failing_since = self._beat_since
                 logger.warning("sharedfs heartbeat of %s could not be written: %s", self._node,
                                exc)
+            self._last_beat_error = exc
             return
+        finally:
+            self._beat_since = None
+        now = time.monotonic()
         if self._beat_failing_since is not None:
             logger.warning("sharedfs heartbeat of %s written again after %.1f s", self._node,
                            now - self._beat_failing_since)
         self._beat_failing_since = None
         self._beat_ok_at = now
 
-    def _fence(self, exc: FencedError) -> None:
-        if self._fenced is None:
+    def _fence(self, exc: FencedError) -> FencedError:
+        """Fence this node once (later calls return the first reason): stop its workers
+        (:attr:`on_fenced`) first, then say so. From here on it writes nothing to the
+        rendezvous (not even its departure, see :meth:`depart`)."""
+        with self._fence_lock:
+            if self._fenced is not None:
+                return self._fenced
             self._fenced = exc
-            self._events.emit("fenced", str(exc), round=self._round, error=type(exc).__name__)
+        self._hb_stop.set()
+        if self.on_fenced is not None:
+            try:
+                self.on_fenced()
+            except Exception:
+                logger.warning("stopping the workers of fenced node %s failed", self._node,
+                               exc_info=True)
+        logger.error("[%s %s] %s", self._settings.run_id, self._node, exc)
+        self._events.emit("fenced", str(exc), round=self._round, error=type(exc).__name__)
+        return exc
+
+    @property
+    def fenced(self) -> FencedError | None:
+        """Why this node was fenced (``None``: it was not)."""
+        return self._fenced
+
+    def _fence_text(self, cause: str) -> str:
+        """The one paragraph a fenced node ends with: what happened, what it means for the
+        job, what was (not) written, what to do."""
+        s = self._settings
+        where = (f"after round {self._round}" if self._round is not None
+                 else "before it joined any round")
+        return (
+            f"{cause} This node was fenced from rendezvous {s.run_id!r}: the other nodes "
+            f"declare it dead after heartbeat_timeout={s.heartbeat_timeout:g} s and go on "
+            f"without it. Its workers were stopped, and it takes part in no round {where} "
+            "(it writes nothing to the rendezvous from here on); its "
+            "agent ends instead of rejoining. Check this node's network and filesystem client, "
+            "then start it again to add it back (a new node joins at a later round)."
+        )
+
+    def _check_silence(self) -> FencedError | None:
+        """Fence this node if its last durable heartbeat is ``heartbeat_timeout -
+        heartbeat_interval`` old: the others are about to declare it dead (or already did)."""
+        if self._fenced is not None:
+            return self._fenced
+        if self._hb_thread is None or self._shut:
+            return None
+        s = self._settings
+        now = time.monotonic()
+        silent = now - self._beat_ok_at
+        if silent < s.heartbeat_timeout - s.heartbeat_interval:
+            return None
+        where = str(self.run_dir)
+        failing, since = self._beat_failing_since, self._beat_since
+        if failing is not None:
+            err = self._last_beat_error
+            name = lost_fs_name(err) if err is not None else "an error"
+            cause = (f"This node lost the shared filesystem at {where!r}: its heartbeat writes "
+                     f"fail ({name}) and none has reached it for {silent:.1f} s.")
+        elif since is not None:
+            cause = (f"This node lost the shared filesystem at {where!r}: a heartbeat write "
+                     f"has been blocked in the filesystem client for {now - since:.1f} s (a "
+                     "network partition, or a server that stopped answering), none has "
+                     f"reached it for {silent:.1f} s.")
+        else:
+            cause = (f"This node did not run for {silent:.1f} s (frozen or suspended: none of "
+                     f"its heartbeats reached {where!r} meanwhile).")
+        return self._fence(FencedError(self._fence_text(cause)))
+
+    def explain(self, err: BaseException) -> BaseException:
+        """The error an agent should end with: the fencing reason if this node was fenced,
+        or -- for an ``OSError`` that means the filesystem client lost its server (ENOTCONN,
+        EBADFD, ...) -- this node is fenced now and that is the reason; else ``err``."""
+        if self._fenced is not None:
+            return self._fenced
+        if isinstance(err, FencedError):
+            cause = err.__cause__
+            if isinstance(cause, OSError):
+                return self._fence(FencedError(self._fence_text(
+                    f"This node lost the shared filesystem at {str(self.run_dir)!r}: a write "
+                    f"could not be made durable ({lost_fs_name(cause)}), so its lock on the "
+                    "rendezvous state may be gone too.")))
+            return self._fence(FencedError(self._fence_text(str(err))))
+        if isinstance(err, OSError) and err.errno in LOST_FS_ERRNOS:
+            what = f" ({err.filename})" if err.filename else ""
+            return self._fence(FencedError(self._fence_text(
+                f"This node lost the shared filesystem at {str(self.run_dir)!r}: "
+                f"{lost_fs_name(err)}{what}.")))
+        return err
 
     def _check_fenced(self) -> None:
         """Raise :class:`FencedError` once this node must stop being a member of its group.
 
         Either a write was not durable (a failed ``fsync``: the client lost its server and
         maybe its lock), or no heartbeat of ours has reached the filesystem for
-        ``heartbeat_timeout - heartbeat_interval``: the others are about to declare this node
-        dead and re-form without it, so its workers must stop before that, not after -- they
-        would otherwise go on (and write checkpoints) as part of a group that no longer exists.
-        The agent sees the error in ``num_nodes_waiting``/``next_rendezvous``: torch stops
-        the workers and the agent ends with this message.
+        ``heartbeat_timeout - heartbeat_interval`` (failing, blocked, or the node was frozen):
+        the others are about to declare this node dead and re-form without it, so its workers
+        must stop before that, not after -- they would otherwise go on (and write checkpoints)
+        as part of a group that no longer exists. The agent sees the error in
+        ``num_nodes_waiting``/``next_rendezvous``: torch stops the workers and the agent ends
+        with this message (and :attr:`on_fenced` stopped them already).
         """
-        if self._fenced is None and self._beat_failing_since is not None:
-            s = self._settings
-            silent = time.monotonic() - self._beat_ok_at
-            if silent >= s.heartbeat_timeout - s.heartbeat_interval:
-                self._fence(FencedError(
-                    f"This node's heartbeat has not reached the shared rendezvous directory "
-                    f"{str(self.run_dir)!r} for {silent:.1f} s (heartbeat_timeout="
-                    f"{s.heartbeat_timeout:g} s): the other nodes will declare it dead and "
-                    "re-form without it, so it stops its workers and leaves the run. Check "
-                    "this node's network and filesystem client."
-                ))
-        if self._fenced is not None:
-            raise self._fenced
+        fenced = self._check_silence()
+        if fenced is not None:
+            raise fenced
 
     def _declare_dead(self, nodes: list[str], silent: dict[str, float]) -> None:
         s = self._settings
