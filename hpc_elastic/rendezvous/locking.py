@@ -8,10 +8,13 @@ Rules this module enforces, and why:
 * Inside one process, holders are serialized by a ``threading.Lock`` before the flock is taken.
   POSIX locks are per process, so two threads (or two handlers in one agent) would otherwise both
   "own" the NFS lock, and one thread's close would release the other's lock.
-* ``fcntl.flock`` directly, never a marker file: filelock's ``UnixFileLock`` silently switches
-  to one on ``ENOSYS`` unless told not to, and a SIGKILLed holder then leaves the marker behind
-  and the whole job stalls. A filesystem without flock is reported by :func:`probe_flock` with
-  the mount option to fix.
+* ``fcntl.flock`` directly, not the ``filelock`` package (no longer a dependency of ours; torch
+  still installs it): its ``UnixFileLock`` (4.x) falls back to a marker file where flock is
+  missing -- a SIGKILLed holder then leaves the marker behind and the whole job stalls -- it
+  waits by polling a non-blocking flock (each try a server round trip that the holder needs
+  too; measured slower on GlusterFS, docs/benchmarks.md), and it opens and closes the lock
+  file on each acquire, which the per-process mutex below must control on NFS. A filesystem
+  without flock is reported by :func:`probe_flock` with the mount option to fix.
 * A holder that dies (even SIGKILL) releases its flock with its last descriptor, so the state is
   never locked forever. (Exception: NFS keeps a crashed *client's* lock until its lease expires,
   typically 90 s; ``lock_timeout`` must exceed that.)
