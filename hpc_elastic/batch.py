@@ -465,8 +465,11 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         else:
             _cancel_members(jobdir, job_id)
         if (jobdir.path / "requeue" / f"attempt-{attempt}").exists():
-            _exclude_lost(jobdir, job_id, attempt, log)
+            # What is known first (Slurm ends the batch step KillWait after the requeue), then
+            # what the analysis adds, which reads every node's events.
             _exclude_from_next_attempt(jobdir, job_id, log)
+            if _exclude_lost(jobdir, job_id, attempt, log):
+                _exclude_from_next_attempt(jobdir, job_id, log)
         log.record("batch.end", f"ending with {rc} (outcome {supervisor.outcome})", rc=rc,
                    outcome=supervisor.outcome, generation=supervisor.generation)
         return rc
@@ -476,18 +479,20 @@ def run_batch(target: str | Path, env: Mapping[str, str] | None = None) -> int:
         log.close()
 
 
-def _exclude_lost(jobdir: JobDir, job_id: str, attempt: int, log: BatchLog) -> None:
+def _exclude_lost(jobdir: JobDir, job_id: str, attempt: int, log: BatchLog) -> bool:
     """Exclude the nodes the analysis finds lost in ``attempt`` (see exclude_lost_nodes); an
-    analysis that fails (damaged files) must not stop the supervisor, so it is only logged."""
+    analysis that fails (damaged files) must not stop the supervisor, so it is only logged.
+    Whether it excluded a node."""
     try:
         found = exclude_lost_nodes(jobdir, job_id, attempt)
     except Exception as exc:  # noqa: BLE001 - the relaunch or requeue goes on without it
         log.record("node.exclude_failed", f"could not analyse attempt {attempt} for lost "
                    f"nodes: {exc!r}", error=repr(exc))
-        return
+        return False
     for node, reason in found:
         log.record("node.excluded", f"{node} excluded from this run: {reason}", node=node,
                    reason=reason, new=True)
+    return bool(found)
 
 
 def _exclude_from_next_attempt(jobdir: JobDir, job_id: str, log: BatchLog) -> None:
