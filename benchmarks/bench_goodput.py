@@ -417,6 +417,9 @@ def main() -> int:
     steps_per_epoch, nodes, nproc = 20, (2, 3), 2
     if args.smoke:
         args.duration, args.interval, args.step_sleep = 8.0, 3.0, 0.1
+        # ~40 s here at load 2-3; a loaded CI machine may need several times that before a
+        # launcher counts as never finishing (2.5 x 8 s + 60 s would be 80 s).
+        args.cap = 30.0
         steps_per_epoch, nodes, nproc = 10, (2, 2), 1
     # ~0.05 s of work per step besides the sleep on this machine: size the job to --duration.
     epochs = max(2, round(args.duration / ((args.step_sleep + 0.05) * steps_per_epoch)))
