@@ -1,0 +1,130 @@
+"""Where the time of one big rendezvous round goes, on a private GlusterFS volume (needs root).
+
+    .venv/bin/python benchmarks/profile_round.py cached 128
+    .venv/bin/python benchmarks/profile_round.py coherent 64
+
+Runs bench_rendezvous's part 3 (N participants as threads in 4 processes, spread over 3
+GlusterFS client nodes, tests/sharedfs) once, with the rendezvous' file operations timed in
+every process: the state lock (waiting for it, holding it), the commit of a version, full
+state reads, head polls, heartbeat beats, peer observation. Prints calls, total and mean time
+of each, summed over all participants (so totals overlap in time: compare "lock held" with the
+round's wall time to see how much of it is serialized joins). Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_rendezvous as bench  # noqa: E402
+
+from hpc_elastic.rendezvous import heartbeat, locking, state  # noqa: E402
+
+STATS: dict[str, list[float]] = {}  # name -> [calls, seconds]
+_GUARD = threading.Lock()
+OUT = Path(tempfile.gettempdir()) / f"profile-round-{os.getpid()}"
+
+
+def _add(name: str, seconds: float) -> None:
+    with _GUARD:
+        entry = STATS.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += seconds
+
+
+def _time(cls: type, method: str, name: str) -> None:
+    original: Callable = getattr(cls, method)
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _add(name, time.perf_counter() - start)
+
+    setattr(cls, method, timed)
+
+
+def _instrument() -> None:
+    _time(state.StateFile, "_commit", "commit (private write, fsync, link, hint)")
+    _time(state.StateFile, "read", "read the full state")
+    _time(state.StateFile, "read_head", "read the head (poll)")
+    _time(heartbeat.HeartbeatWriter, "beat", "heartbeat beat")
+    _time(heartbeat.LivenessObserver, "observe", "observe watched peers")
+    hold = locking.ProcessFileLock.hold
+
+    @contextlib.contextmanager
+    def timed_hold(self, timeout: float) -> Iterator[None]:
+        start = time.perf_counter()
+        with hold(self, timeout):
+            _add("state lock: wait", time.perf_counter() - start)
+            held = time.perf_counter()
+            try:
+                yield
+            finally:
+                _add("state lock: held", time.perf_counter() - held)
+
+    locking.ProcessFileLock.hold = timed_hold  # type: ignore[method-assign]
+    scale_process = bench._scale_process
+
+    def profiled(*args, **kwargs) -> None:
+        try:
+            scale_process(*args, **kwargs)
+        finally:
+            (OUT / f"{os.getpid()}.json").write_text(json.dumps(STATS))
+
+    bench._scale_process = profiled
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.split("\n\n")[1])
+    profile, n = sys.argv[1], int(sys.argv[2])
+    from sharedfs import SharedFS
+
+    # A SIGTERM (e.g. from `timeout`) must still stop the GlusterFS world in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    _instrument()
+    bench._preload()
+    OUT.mkdir()
+    fs = SharedFS().start()
+    try:
+        nodes = fs.clients(3, profile)
+        bench.MNTNS[:] = [str(fs.state / "ns" / f"{x}.mnt") for x in nodes.nodes]
+        print(f"# {n} participants on GlusterFS {profile!r}, 3 clients ({bench._load()})")
+        with bench._roots([str(nodes.path)]) as dirs:
+            result = bench.scale(n, dirs)  # a participant that fails makes this raise
+        print(f"last arrival -> all done {result['last_arrival_to_all_done_s']:.1f} s; "
+              f"file operations per participant {result['fs_ops_per_participant_mean']:.0f} "
+              f"(max {result['fs_ops_per_participant_max']})")
+        total: dict[str, list[float]] = {}
+        for path in OUT.glob("*.json"):
+            for name, (calls, seconds) in json.loads(path.read_text()).items():
+                entry = total.setdefault(name, [0, 0.0])
+                entry[0] += calls
+                entry[1] += seconds
+        for name, (calls, seconds) in sorted(total.items()):
+            print(f"{name:44s} calls {int(calls):7d}  total {seconds:8.2f} s  "
+                  f"mean {1000 * seconds / max(calls, 1):8.1f} ms")
+        print(f"# done ({bench._load()})")
+        nodes.close()
+    finally:
+        fs.stop()
+        for path in OUT.glob("*.json"):
+            path.unlink()
+        OUT.rmdir()
+
+
+if __name__ == "__main__":
+    main()
