@@ -231,29 +231,55 @@ def test_a_lost_filesystem_error_becomes_the_fencing_reason(tmp_path):
         h._hb_stop.set()
 
 
-def test_a_frozen_node_is_fenced_when_it_runs_again(tmp_path):
-    """SIGSTOP for longer than heartbeat_timeout, then SIGCONT: the node's first act is to
-    fence itself (it must not beat, judge its peers or rejoin as if nothing happened)."""
-    script = (
-        "import sys, time\n"
-        "from hpc_elastic.rendezvous import create_handler\n"
-        "h = create_handler(sys.argv[1], 'run', 1, 1, local_addr='127.0.0.1', "
-        "heartbeat_interval=0.1, heartbeat_timeout=0.8, join_timeout=10, last_call_timeout=1)\n"
-        "h.on_fenced = lambda: print('stopped', flush=True)\n"
-        "h.next_rendezvous(); print('ready', flush=True)\n"
-        "time.sleep(float(sys.argv[2]))\n"
-        "print('fenced' if h.fenced else 'not fenced', h.fenced, flush=True)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), "3"],
+FROZEN = (
+    "import sys, time\n"
+    "from hpc_elastic.rendezvous import create_handler\n"
+    "n = int(sys.argv[2])\n"
+    "h = create_handler(sys.argv[1], 'run', n, n, local_addr='127.0.0.1', "
+    "heartbeat_interval=0.1, heartbeat_timeout=0.8, join_timeout=20, last_call_timeout=1)\n"
+    "h.on_fenced = lambda: print('stopped', flush=True)\n"
+    "h.next_rendezvous(); print('ready', flush=True)\n"
+    "time.sleep(4)\n"
+    "print('fenced' if h.fenced else 'not fenced', h.fenced, flush=True)\n"
+)
+
+
+def _freeze_for(proc: subprocess.Popen, seconds: float) -> str:
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def test_a_frozen_node_that_was_declared_dead_fences_itself_when_it_runs_again(tmp_path):
+    """SIGSTOP for longer than heartbeat_timeout, the other node declares it dead, SIGCONT:
+    the node's first act is to fence itself (stop its workers; it must not beat, judge its
+    peers or go on as a member of the old round)."""
+    proc = subprocess.Popen([sys.executable, "-c", FROZEN, str(tmp_path), "2"],
                             stdout=subprocess.PIPE, text=True)
+    peer = create_handler(tmp_path, "run", 2, 2, local_addr="127.0.0.1", heartbeat_interval=0.1,
+                          heartbeat_timeout=0.8, join_timeout=20, last_call_timeout=1)
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        os.kill(proc.pid, signal.SIGSTOP)
-        time.sleep(1.5)
-        os.kill(proc.pid, signal.SIGCONT)
-        out, _ = proc.communicate(timeout=30)
+        peer.next_rendezvous()
+        out = _freeze_for(proc, 2.0)
     finally:
+        peer._hb_stop.set()
         if proc.poll() is None:
             proc.kill()
     assert out.startswith("stopped\nfenced"), out
-    assert "did not run for" in out and "frozen" in out, out
+    assert "did not run for" in out and "declared it dead" in out, out
+
+
+def test_a_stall_nobody_noticed_does_not_fence(tmp_path):
+    """The same stall with nobody to declare the node dead (an overloaded machine stalls
+    every process alike): the node goes on."""
+    proc = subprocess.Popen([sys.executable, "-c", FROZEN, str(tmp_path), "1"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        out = _freeze_for(proc, 2.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out.startswith("not fenced"), out

@@ -585,7 +585,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         while not self._hb_stop.wait(self._settings.heartbeat_interval):
             # A node that was silent too long (frozen, or its last beat blocked) is fenced
             # *before* it beats again: a fresh beat must not hide that the others gave up on it.
-            if self._check_silence() is not None:
+            if self._check_silence(by="beat") is not None:
                 return  # fenced: no more beats
             self._beat()
 
@@ -621,13 +621,19 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         heartbeat is too old -- its beats fail, one is blocked in a partitioned client, or the
         node was frozen -- fence it (:meth:`on_fenced` stops the workers) even while every
         other thread of the agent is stuck in a filesystem call."""
-        period = max(0.05, min(self._settings.heartbeat_interval / 2, 0.5))
+        s = self._settings
+        period = max(0.05, min(s.heartbeat_interval / 2, 0.5))
+        last = time.monotonic()
         while not self._hb_stop.wait(period):
-            if self._check_silence() is not None:
+            now = time.monotonic()
+            ran, last = now - last < (s.heartbeat_timeout - s.heartbeat_interval) / 2, now
+            # Not scheduled for that long: the whole process stalled (the heartbeat thread
+            # judges that); a blocked beat is only judged while this thread itself ran.
+            if ran and self._check_silence(by="watch") is not None:
                 return
 
     def _beat(self) -> None:
-        self._beat_since = time.monotonic()
+        self._beat_since = started = time.monotonic()
         try:
             self._beater.beat()
         except OSError as exc:
@@ -644,7 +650,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             logger.warning("sharedfs heartbeat of %s written again after %.1f s", self._node,
                            now - self._beat_failing_since)
         self._beat_failing_since = None
-        self._beat_ok_at = now
+        s = self._settings
+        if now - started < s.heartbeat_timeout - s.heartbeat_interval:
+            self._beat_ok_at = now
+        # else: the beat took that long (blocked, or the node stalled in mid-write): the next
+        # loop judges the silence before this beat counts (see _check_silence).
 
     def _fence(self, exc: FencedError) -> FencedError:
         """Fence this node once (later calls return the first reason): stop its workers
@@ -685,9 +695,17 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             "then start it again to add it back (a new node joins at a later round)."
         )
 
-    def _check_silence(self) -> FencedError | None:
+    def _check_silence(self, by: str = "") -> FencedError | None:
         """Fence this node if its last durable heartbeat is ``heartbeat_timeout -
-        heartbeat_interval`` old: the others are about to declare it dead (or already did)."""
+        heartbeat_interval`` old: the others are about to declare it dead (or already did).
+
+        When its beats fail (the filesystem is gone), that is all it takes. A beat that is
+        blocked is judged only by the watch thread (``by="watch"``), which knows that it ran
+        itself meanwhile: right after a freeze, a beat caught in mid-write looks blocked too.
+        When the node simply did not run (frozen, suspended, starved of CPU), only the
+        heartbeat thread decides (``by="beat"``), before its next beat, from the state: fenced
+        if the others declared it dead meanwhile; otherwise the stall went unnoticed (e.g. the
+        whole machine was starved) and it goes on."""
         if self._fenced is not None:
             return self._fenced
         if self._hb_thread is None or self._shut:
@@ -704,14 +722,30 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             name = lost_fs_name(err) if err is not None else "an error"
             cause = (f"This node lost the shared filesystem at {where!r}: its heartbeat writes "
                      f"fail ({name}) and none has reached it for {silent:.1f} s.")
-        elif since is not None:
+        elif since is not None and by == "watch":
             cause = (f"This node lost the shared filesystem at {where!r}: a heartbeat write "
                      f"has been blocked in the filesystem client for {now - since:.1f} s (a "
                      "network partition, or a server that stopped answering), none has "
                      f"reached it for {silent:.1f} s.")
+        elif since is not None:
+            return None
         else:
+            if by != "beat":
+                return None
+            try:
+                state = self._state_file.read()
+            except Exception as exc:  # after a stall and retries: the directory is gone too
+                logger.debug("after a stall: could not read the state", exc_info=True)
+                state, unreadable = None, f"; its state is unreadable now ({exc})"
+            else:
+                if state is None or self._node not in state.dead:
+                    # Nobody gave up on it: a stall the others did not notice; beat again.
+                    self._beat_ok_at = time.monotonic()
+                    return None
+                unreadable = ""
             cause = (f"This node did not run for {silent:.1f} s (frozen, suspended, or starved "
-                     f"of CPU: none of its heartbeats reached {where!r} meanwhile).")
+                     f"of CPU: none of its heartbeats reached {where!r} meanwhile), and the "
+                     f"other nodes declared it dead{unreadable}.")
         return self._fence(FencedError(self._fence_text(cause)))
 
     def explain(self, err: BaseException) -> BaseException:
