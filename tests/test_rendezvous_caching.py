@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ from rendezvous_helpers import flaky  # noqa: E402
 from rendezvous_helpers.forked import run_all  # noqa: E402
 
 from hpc_elastic.rendezvous import create_handler  # noqa: E402
-from hpc_elastic.rendezvous.errors import FencedError  # noqa: E402
-from hpc_elastic.rendezvous.layout import RunLayout  # noqa: E402
+from hpc_elastic.rendezvous.errors import FencedError, SharedFSConfigError  # noqa: E402
+from hpc_elastic.rendezvous.layout import RunLayout, settled  # noqa: E402
 from hpc_elastic.rendezvous.state import State, StateFile  # noqa: E402
 
 FORK = multiprocessing.get_context("fork")
@@ -283,3 +284,43 @@ def test_a_stall_nobody_noticed_does_not_fence(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert out.startswith("not fenced"), out
+
+
+# --- Creating the run's directories while the other nodes do the same --------------------------
+# A caching client (GlusterFS's defaults) may answer ENOENT or EEXIST-then-"not a directory" for a
+# directory another node made a moment ago: seen in the Slurm suite on `cached`, two of three
+# agents failed at start. These errors are retried for a few seconds; others are not.
+
+
+def fails_then_works(failures: list[int]) -> tuple[Callable[[], None], list[int]]:
+    """An action that fails with each errno of ``failures`` in turn, then works."""
+    calls: list[int] = []
+
+    def action() -> None:
+        calls.append(1)
+        if len(calls) <= len(failures):
+            code = failures[len(calls) - 1]
+            raise OSError(code, os.strerror(code))
+
+    return action, calls
+
+
+def test_directory_errors_of_a_caching_client_are_waited_out(tmp_path: Path) -> None:
+    action, calls = fails_then_works([errno.ENOENT, errno.EEXIST, errno.ESTALE])
+    settled(action, tmp_path / "hb")
+    assert len(calls) == 4
+
+
+def test_a_directory_that_never_appears_is_the_one_paragraph_error(tmp_path: Path) -> None:
+    action, calls = fails_then_works([errno.ENOENT] * 1000)
+    started = time.monotonic()
+    with pytest.raises(SharedFSConfigError, match=r"'.*/hb' cannot be used: No such file"):
+        settled(action, tmp_path / "hb", settle_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2 and len(calls) > 2
+
+
+def test_other_errors_are_not_retried(tmp_path: Path) -> None:
+    action, calls = fails_then_works([errno.EACCES])
+    with pytest.raises(SharedFSConfigError, match="cannot write there"):
+        settled(action, tmp_path / "hb")
+    assert len(calls) == 1

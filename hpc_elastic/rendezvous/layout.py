@@ -20,6 +20,8 @@ import errno
 import os
 import stat
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,17 +99,49 @@ class RunLayout:
             )
         check_root(root)
         for path in (self.run_dir, self.heartbeats, self.stores, self.versions):
-            try:
-                path.mkdir(mode=DIR_MODE, exist_ok=True)
-            except OSError as exc:
-                raise _unusable(path, exc) from exc
+            settled(lambda path=path: _make_dir_here(path), path)
             check_own_dir(path)
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.run_dir)
+
+        def probe() -> None:
+            fd, name = tempfile.mkstemp(prefix=".probe-", dir=self.run_dir)
             os.close(fd)
-            os.unlink(probe)
+            os.unlink(name)
+
+        settled(probe, self.run_dir)
+
+
+#: How long :func:`settled` retries what a caching client of a shared filesystem answers wrongly
+#: for a moment. GlusterFS with its default caches showed a directory made through another
+#: mount 4-1000 ms late (docs/rendezvous.md); all nodes create the run's directories at once.
+SETTLE_S = 5.0
+#: "No such file" for a directory another node just made (a stale negative entry), "exists" from
+#: mkdir but then "not a directory" from the stat that ``exist_ok`` does, a stale handle.
+UNSETTLED = frozenset({errno.ENOENT, errno.EEXIST, errno.ESTALE})
+
+
+def settled(action: Callable[[], None], path: Path, settle_s: float | None = None) -> None:
+    """Run ``action`` (a mkdir, a probe write) until it works, retrying errors a caching client
+    gives for a directory that another node created a moment ago; anything else, or the same
+    error for longer than ``SETTLE_S``, is the one-paragraph :class:`SharedFSConfigError`.
+
+    Seen in the Slurm test suite on the ``cached`` profile: two of three agents failed at
+    start with "the rendezvous directory .../hb cannot be used: No such file or directory"."""
+    deadline = time.monotonic() + (SETTLE_S if settle_s is None else settle_s)
+    delay = 0.01
+    while True:
+        try:
+            action()
+            return
         except OSError as exc:
-            raise _unusable(self.run_dir, exc) from exc
+            if exc.errno not in UNSETTLED or time.monotonic() >= deadline:
+                raise _unusable(path, exc) from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _make_dir_here(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE, exist_ok=True)
+    os.lstat(path)  # what check_own_dir reads next: it must be visible here too
 
 
 #: Filesystems whose every reader is on this machine: a write is visible to all of them at once,
