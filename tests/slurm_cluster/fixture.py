@@ -213,7 +213,13 @@ class SlurmCluster:
         FAILED). A release right after the requeue often falls in that second; Slurm's own
         BeginTime delay exists for exactly this. Two seconds is past it on any clock tick.
         """
-        self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"])
+        proc = self.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"],
+                        check=False)
+        # Slurm may have started it already (seen: 6 s after an agent's requeue, when another
+        # node went DOWN): then there is nothing to release.
+        if proc.returncode != 0 and "no longer pending" not in proc.stderr:
+            raise SlurmClusterError(f"scontrol update jobid={job_id} StartTime=now+2 exited "
+                                    f"{proc.returncode}\nstderr: {proc.stderr}")
 
     # -- nodes ------------------------------------------------------------------------------
     def node_states(self) -> dict[str, str]:
