@@ -112,7 +112,10 @@ def test_a_signal_while_waiting_for_the_other_nodes_leaves_a_shutdown_event(
         [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HPC_ELASTIC_NODE_NAME": "local0", "HPC_ELASTIC_JOB_ID": "t-ending",
-             "TMPDIR": str(tmp_path / "tmp")})
+             "TMPDIR": str(tmp_path / "tmp")},
+        # A suite started in the background (CI) has SIGINT ignored, and the agent keeps an
+        # inherited "ignore" (nohup's meaning): give it the default, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not [e for e in events(jobdir.events("local0")) if e["kind"] == "rendezvous.started"]:
