@@ -29,6 +29,9 @@ fault until the next group started training again (the first "starting at" line 
 
 Targets (issue #15): hpc_elastic >= 0.85 and >= 2x torchrun c10d.
 
+hpc_elastic runs with ``warm_workers: true`` (standby workers that have imported torch, see
+docs/configuration.md); ``--cold-workers`` runs it without.
+
 ``--smoke`` (the test suite's check that the harness still works, not a measurement): both
 launchers at the same time, each on exactly 2 of the 4 nodes with 1 worker per node, ~8 s of
 training and one worker crash each -- the same submission, fault injection, recovery timing
@@ -38,6 +41,7 @@ and goodput report as the full run, in well under a minute instead of 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -171,6 +175,8 @@ class Launcher:
 
 class HpcElastic(Launcher):
     name = "hpc_elastic"
+    #: ``warm_workers`` (docs/configuration.md): standby workers that have imported torch.
+    warm = True
 
     def submit(self) -> None:
         entry_args = "[" + ", ".join(self.script_args) + "]"
@@ -178,7 +184,8 @@ class HpcElastic(Launcher):
                     f"nproc_per_node={self.nproc}", f"max_restarts={MAX_RESTARTS}",
                     f"entrypoint.args={entry_args}", "slurm.time=30", "preemption.grace=20",
                     "rendezvous.heartbeat_interval=1", "rendezvous.heartbeat_timeout=5",
-                    "rendezvous.last_call_timeout=1", "same_failure_limit=0"]
+                    "rendezvous.last_call_timeout=1", "same_failure_limit=0",
+                    f"warm_workers={'true' if self.warm else 'false'}"]
         cmd = [PYTHON, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
                "--slurm", *(arg for setting in settings for arg in ("--set", setting))]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
@@ -237,7 +244,9 @@ class TorchrunC10d(Launcher):
 
 
 def workers_on(cluster: SlurmCluster, node: str) -> list[int]:
-    """PIDs of training workers on ``node`` (not agents: no torchrun, no ``hpc_elastic agent``)."""
+    """PIDs of training workers on ``node`` (not agents: no torchrun, no ``hpc_elastic agent``).
+    A warm worker (``warm_workers``) shows as ``hpc_elastic.worker.standby``; it is a worker
+    once its stdout is a worker's log file (a standby that waits writes to /dev/null)."""
     found = []
     for pid in cluster.node_processes(node):
         try:
@@ -247,6 +256,10 @@ def workers_on(cluster: SlurmCluster, node: str) -> list[int]:
         text = b" ".join(argv).decode(errors="replace")
         if "train.py" in text and "torchrun" not in text and "hpc_elastic agent" not in text:
             found.append(pid)
+        elif "hpc_elastic.worker.standby" in text:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/1").endswith("stdout.log"):
+                    found.append(pid)
     return found
 
 
@@ -413,7 +426,11 @@ def main() -> int:
                         help="charge a launcher that did not finish at least this wall time "
                              "(with --only: the other launcher's wall time)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--cold-workers", action="store_true",
+                        help="hpc_elastic without warm_workers (every worker start imports "
+                             "torch anew)")
     args = parser.parse_args()
+    HpcElastic.warm = not args.cold_workers
     steps_per_epoch, nodes, nproc = 20, (2, 3), 2
     if args.smoke:
         args.duration, args.interval, args.step_sleep = 8.0, 3.0, 0.1
@@ -438,6 +455,7 @@ def main() -> int:
             kinds = [k for k in kinds if k.name.startswith(args.only)]
         launchers = [kind(cluster, root / kind.name.replace(" ", "-"), script_args, nodes, nproc)
                      for kind in kinds]
+        print(f"hpc_elastic: warm_workers {'off' if args.cold_workers else 'on'}", flush=True)
         for launcher in launchers:
             print(f"{launcher.name}: {epochs} epochs x {steps_per_epoch} steps on "
                   f"{nodes[0]}-{nodes[1]} nodes x {nproc} workers, faults {', '.join(faults)} "

@@ -32,6 +32,7 @@ from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
+from hpc_elastic.agent.standby import StandbyPool
 from hpc_elastic.agent.storm import StormGuard, failure_signature, hang_signature
 from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
@@ -43,6 +44,8 @@ from hpc_elastic.jobdir import JobDir, umask_for
 from hpc_elastic.rendezvous import create_handler
 from hpc_elastic.submit import batch_jobdir, read_job_config
 from hpc_elastic.telemetry import install as install_telemetry
+from hpc_elastic.worker.record import PROGRESS_FILE
+from hpc_elastic.worker.record import read as read_progress
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -67,7 +70,7 @@ class ObservedAgent(LocalElasticAgent):
                  preemption: Preemption | None = None, hangs: HangWatch | None = None,
                  storm: StormGuard | None = None, stragglers: StragglerWatch | None = None,
                  on_failure: Callable[[dict[int, Any], int, int], None] | None = None,
-                 **kwargs: object) -> None:
+                 standby: StandbyPool | None = None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._record = record
         #: local mode: one short console line per failed worker group (agent/console.py)
@@ -76,18 +79,27 @@ class ObservedAgent(LocalElasticAgent):
         self.hangs = hangs
         self.storm = storm
         self.stragglers = stragglers
+        #: ``warm_workers``: pre-started workers that have imported torch (agent/standby.py)
+        self.standby = standby
         quiet_torch_parser()  # _monitor_workers handles (and records) an unreadable error file
 
     def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
         """Start workers with the preemption signal ignored until they install a handler (see
         ``Preemption.ignored_while``); workers started after the signal get it forwarded. The
-        hang watch starts watching the new group."""
-        if self.preemption is None:
+        hang watch starts watching the new group. With ``warm_workers`` the starts go to the
+        standby processes that are waiting (agent/standby.py)."""
+        with contextlib.ExitStack() as stack:
+            if self.preemption is not None:
+                stack.enter_context(self.preemption.ignored_while())
+            if self.standby is not None:
+                stack.enter_context(self.standby.serving())
             started = super()._start_workers(worker_group)
-        else:
-            with self.preemption.ignored_while():
-                started = super()._start_workers(worker_group)
+        if self.preemption is not None:
             self.preemption.forward_again()
+        if self.standby is not None:
+            self._record("workers.warm", warm=self.standby.last_warm,
+                         cold=self.standby.last_cold,
+                         pids=[started.get(r) for r in self.standby.last_warm])
         for worker in worker_group.workers:  # torch sets the ids after this returns
             worker.id = started.get(worker.local_rank, worker.id)
         folders = getattr(self._logs_specs, "folders", {})
@@ -136,6 +148,9 @@ class ObservedAgent(LocalElasticAgent):
                 return hung
         if result.state == WorkerState.HEALTHY and self.stragglers is not None:
             self.stragglers.check()
+        if (result.state == WorkerState.HEALTHY and self.standby is not None
+                and not self._stopping() and self.standby.due(self._first_steps_done)):
+            self.fill_standby()
         if result.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
             restart = worker_group.spec.max_restarts - self._remaining_restarts
             for rank, failure in sorted(result.failures.items()):
@@ -169,6 +184,28 @@ class ObservedAgent(LocalElasticAgent):
                 preemption.forward_again()
         return result
 
+
+    def fill_standby(self) -> None:
+        """Start the missing standby workers, with the preemption signal ignored as for any
+        worker start (they inherit it)."""
+        if self.standby is None:
+            return
+        if self.preemption is None:
+            self.standby.fill()
+            return
+        with self.preemption.ignored_while():
+            self.standby.fill()
+
+    def _first_steps_done(self) -> bool:
+        """Every current worker reported its first training step (hpc_elastic.worker.beat)."""
+        folders = getattr(self._logs_specs, "folders", {})
+        if not folders:
+            return False
+        for folder in folders.values():
+            progress = read_progress(folder / PROGRESS_FILE)
+            if progress is None or progress.n <= 0:
+                return False
+        return True
 
     def _guard_storm(self, signature: str) -> None:
         """Count the failure; at the limit, take the remaining restarts away (torch then stops
@@ -337,6 +374,8 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                     if config.stragglers != "off" else None),
         on_failure=(lambda failures, remaining, most: console.say(console.failure_line(
             ident.node, failures, remaining, most))) if local_console else None,
+        standby=(StandbyPool(config.nproc_per_node, events.record)
+                 if config.warm_workers else None),
     )
     watch = None
     if handles_preemption:
@@ -356,6 +395,9 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                   step=ident.step, launch=ident.launch, run_id=ident.run_id or ident.job_id,
                   member=ident.is_member)
     started = time.monotonic()
+    # The first group's workers, too, come from standbys started now: they import torch while
+    # this node waits in the rendezvous for the others.
+    agent.fill_standby()
     try:
         result = _run_watched(agent, watch)
     except RendezvousClosedError as err:
@@ -412,12 +454,15 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
 
 def _run_watched(agent: LocalElasticAgent, watch: SupervisorWatch | None) -> RunResult | None:
     """``agent.run``; the supervisor watch ends with it (the supervisor's own end, after the
-    agents', must not look like a lost batch host)."""
+    agents', must not look like a lost batch host), and so do the standby workers."""
     try:
         return agent.run(ROLE)
     finally:
         if watch is not None:
             watch.stop()
+        standby = getattr(agent, "standby", None)
+        if standby is not None:
+            standby.close()
 
 
 def _batch_host_lost(jobdir: JobDir, ident: NodeIdentity, silent: float,

@@ -1,0 +1,227 @@
+"""Warm worker starts (``warm_workers``, hpc_elastic/agent/standby.py), for real.
+
+First torch's own ``start_processes`` (what the agent calls) with and without the standby pool:
+the warm worker is the standby process, already has torch imported, gets the exact torchrun
+environment, argv, cwd and log files of a cold one, its exit code and error file reach torch --
+and it starts faster. Then a local job (3 agents, a plain DDP script that ends with
+``destroy_process_group``) through a node loss (world size 3 -> 2): both groups are started
+from standbys with the right ranks and environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
+
+from hpc_elastic.agent.standby import StandbyPool
+from hpc_elastic.jobdir import JobDir
+from hpc_elastic.telemetry import read_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "tests" / "warm_helpers" / "ddp_env.py"
+
+
+def starts(out: Path) -> list[dict]:
+    path = out / "starts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_group(tmp: Path, tag: str, pool: StandbyPool | None, script_args: tuple[str, ...]
+              ) -> tuple[dict, float, dict]:
+    """Start two workers of SCRIPT with torch's start_processes; wait for them; return the
+    result, the seconds from the start call to the later script's first line, and the pids."""
+    out = tmp / tag
+    out.mkdir()
+    envs = {r: {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "WARM_TEST_DIR":
+                str(out), "TORCHELASTIC_RESTART_COUNT": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "1"} for r in (0, 1)}
+    args = {r: ("-u", "-m", "hpc_elastic.worker", str(SCRIPT), *script_args) for r in (0, 1)}
+    specs = DefaultLogsSpecs(log_dir=str(tmp / f"logs-{tag}"), redirects=Std.ALL)
+    began = time.time()
+    if pool is None:
+        ctx = start_processes("w", sys.executable, args, envs, specs)
+    else:
+        with pool.serving():
+            ctx = start_processes("w", sys.executable, args, envs, specs)
+    pids = ctx.pids()
+    result = None
+    deadline = time.monotonic() + 120
+    while result is None and time.monotonic() < deadline:
+        result = ctx.wait(timeout=1)
+    ctx.close()
+    assert result is not None, "workers did not end"
+    lines = starts(out)
+    ready = max(x["t0"] + x["import_s"] for x in lines)  # the script has torch
+    return {"result": result, "lines": lines}, ready - began, pids
+
+
+def test_a_standby_becomes_the_worker_faster_and_exactly_like_a_cold_one(tmp_path: Path) -> None:
+    pool = StandbyPool(2)
+    try:
+        standby_pids = pool.fill()
+        assert len(standby_pids) == 2
+        time.sleep(8)  # the standbys import torch meanwhile (what a running group allows)
+        warm, warm_s, warm_pids = run_group(tmp_path, "warm", pool, ("--no-dist",))
+        assert pool.last_warm == [0, 1] and pool.last_cold == []
+        cold, cold_s, _ = run_group(tmp_path, "cold", None, ("--no-dist",))
+    finally:
+        pool.close()
+    # The workers are the standby processes, which had torch imported before the script ran.
+    assert sorted(warm_pids.values()) == sorted(standby_pids)
+    assert all(x["preloaded"] for x in warm["lines"])
+    assert not any(x["preloaded"] for x in cold["lines"])
+    for group in (warm, cold):
+        assert group["result"].failures == {}
+        by_rank = {x["env"]["RANK"]: x for x in group["lines"]}
+        assert sorted(by_rank) == ["0", "1"]
+        for rank, x in by_rank.items():
+            assert x["env"]["LOCAL_RANK"] == rank and x["env"]["WORLD_SIZE"] == "2"
+            assert x["env"]["HPC_ELASTIC_STANDBY_FD"] is None  # nothing of the standby leaks
+            assert x["argv"] == [str(SCRIPT), "--no-dist"] and x["main"] == "__main__"
+            assert x["cwd"] == os.getcwd()
+            # stdout goes to torch's log file for that rank, as for a cold start
+            stdout = Path(group["result"].stdouts[int(rank)]).read_text()
+            assert f"hello from rank {rank} pid {x['pid']}" in stdout
+    print(f"start call -> script past its import torch: warm {warm_s:.2f} s, cold {cold_s:.2f} s")
+    assert warm_s < cold_s / 2, (warm_s, cold_s)
+
+
+def test_failures_of_warm_and_cold_workers_reach_torch_alike(tmp_path: Path) -> None:
+    """One standby killed before the start: rank 0 gets the other one, rank 1 is started cold.
+    Rank 0 raises: torch sees its failure with pid, exit code and error file, and stops rank 1
+    (SIGTERM to its process group), as for cold workers."""
+    pool = StandbyPool(2)
+    try:
+        standbys = pool.fill()
+        os.killpg(standbys[0], signal.SIGKILL)
+        time.sleep(0.5)
+        group, _, pids = run_group(tmp_path, "fail", pool, ("--raise",))
+        assert pool.last_warm == [0] and pool.last_cold == [1]
+    finally:
+        pool.close()
+    assert pids[0] == standbys[1] and standbys[0] not in pids.values()
+    failures = group["result"].failures
+    assert failures[0].exitcode == 1 and failures[0].pid == pids[0]
+    assert Path(failures[0].error_file).exists()  # written by hpc_elastic.worker, read by torch
+    assert "injected crash at start" in str(failures[0].message)
+    assert "injected crash at start" in Path(group["result"].stderrs[0]).read_text()
+    if 1 in failures:
+        assert failures[1].pid == pids[1] and failures[1].exitcode == -signal.SIGTERM
+
+
+def exited(proc: subprocess.Popen) -> bool:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_standbys_end_when_the_pool_is_closed_or_the_agent_is_gone() -> None:
+    pool = StandbyPool(2)
+    first, second = pool.fill()
+    standbys = list(pool._ready)
+    # An agent that dies (SIGKILL included): the kernel closes its socket ends, and each
+    # standby, once its import is done, reads the end of the socket and exits on its own.
+    standbys[0].sock.close()
+    assert exited(standbys[0].proc) and standbys[0].proc.returncode == 0
+    pool.close()  # the agent ending: the rest is killed and reaped
+    assert standbys[1].proc.returncode is not None
+
+
+@pytest.mark.slow
+def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"name: warm\nnodes: '2:3'\nnproc_per_node: 1\nentrypoint: {SCRIPT}\nmax_restarts: 3\n"
+        f"job_root: {tmp_path / 'jobs'}\nwarm_workers: true\n"
+        f"env:\n  OMP_NUM_THREADS: 1\n  WARM_TEST_DIR: {out}\n"
+        "rendezvous:\n  last_call_timeout: 1\n  heartbeat_interval: 0.5\n"
+        "  heartbeat_timeout: 2\n")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "hpc_elastic", "submit", str(job), "--local", "--set",
+         "nodes=2:3"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_for(what: str, cond, timeout: float = 150) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}: {starts(out)}")
+
+    def events(jobdir: JobDir, node: str) -> list[dict]:
+        path = jobdir.events(node)
+        return list(read_jsonl(path)) if path.exists() else []
+
+    def refilled(jobdir: JobDir, nodes: list[str], times: int) -> bool:
+        return all(sum(e["kind"] == "standby.started" for e in events(jobdir, n)) >= times
+                   for n in nodes)
+
+    try:
+        wait_for("3 workers", lambda: len(starts(out)) >= 3)
+        jobdir = JobDir(next(p for p in (tmp_path / "jobs").iterdir() if p.is_dir()))
+        nodes = sorted(jobdir.node_names())
+        wait_for("standbys refilled", lambda: refilled(jobdir, nodes, 2))
+        victim_pid = next(x for x in starts(out) if x["env"]["GROUP_RANK"] == "2")["pid"]
+        agents = json.loads((jobdir.path / "local-agents.json").read_text())["pids"]
+        victim = next(n for n in nodes if any(
+            e["kind"] == "workers.warm" and victim_pid in e["pids"] for e in events(jobdir, n)))
+        for pid in (agents[int(victim.removeprefix("local"))], victim_pid):
+            os.kill(pid, signal.SIGKILL)
+        wait_for("the survivors' new group", lambda: len(starts(out)) >= 5)
+        (out / "done").touch()
+        output, _ = launcher.communicate(timeout=120)
+        assert launcher.returncode == 0, output[-4000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+
+    lines = starts(out)
+    groups = [lines[0:3], lines[3:5]]
+    assert len(lines) == 5, lines
+    for group, world in zip(groups, (3, 2), strict=True):
+        envs = [x["env"] for x in group]
+        assert sorted(int(e["RANK"]) for e in envs) == list(range(world))
+        assert {e["WORLD_SIZE"] for e in envs} == {str(world)}
+        assert {e["GROUP_WORLD_SIZE"] for e in envs} == {str(world)}
+        assert {e["LOCAL_RANK"] for e in envs} == {"0"}
+        assert len({e["MASTER_PORT"] for e in envs}) == 1
+        assert all(x["preloaded"] for x in group), "a worker was started cold"
+        assert all(e["HPC_ELASTIC_STANDBY_FD"] is None for e in envs)
+    # a membership change: torch re-forms without using a restart
+    assert {x["env"]["TORCHELASTIC_RESTART_COUNT"] for x in lines} == {"0"}
+    assert {x["env"]["GROUP_RANK"] for x in groups[1]} == {"0", "1"}
+    # every worker was a standby the agent had started before, and it says so in its events
+    warm_pids = set()
+    for node in nodes:
+        evs = events(jobdir, node)
+        standbys = {p for e in evs if e["kind"] == "standby.started" for p in e["pids"]}
+        for e in evs:
+            if e["kind"] == "workers.warm":
+                assert e["cold"] == [] and set(e["pids"]) <= standbys
+                warm_pids.update(e["pids"])
+    assert {x["pid"] for x in lines} <= warm_pids
+    # the survivors ended cleanly (destroy_process_group, exit 0) and left no standby behind
+    for node in nodes:
+        if node != victim:
+            assert events(jobdir, node)[-1]["kind"] == "agent.succeeded"
+    for pid in warm_pids | {p for n in nodes for e in events(jobdir, n)
+                            if e["kind"] == "standby.started" for p in e["pids"]}:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split()[2] == "Z", pid
