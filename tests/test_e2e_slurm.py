@@ -47,7 +47,7 @@ def test_happy_path_three_nodes_one_round_no_restart(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
     t0 = time.monotonic()
-    result = submit_wait(slurm_cluster, tmp_path, "--set", "nodes=3",
+    result = submit_wait(slurm_cluster, tmp_path, "--set", "nodes=3", "--set", "nproc_per_node=2",
                          "--set", "entrypoint.args=[--epochs, 2, --steps-per-epoch, 5]")
     jobdir = the_jobdir(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr + slurm_logs(jobdir)
@@ -71,7 +71,7 @@ def test_worker_crash_one_restart_resumes_and_finishes(
 ) -> None:
     result = submit_wait(slurm_cluster, tmp_path, "--set", "nodes=2", "--set", "max_restarts=2",
                          "--set", "entrypoint.args=[--epochs, 2, --steps-per-epoch, 5,"
-                         " --fail-at-step, 7, --fail-rank, 3]")
+                         " --fail-at-step, 7, --fail-rank, 1]")
     jobdir = the_jobdir(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr + slurm_logs(jobdir)
     summary = summary_json(jobdir)
@@ -79,8 +79,8 @@ def test_worker_crash_one_restart_resumes_and_finishes(
     assert summary["status"] == "succeeded"
     assert summary["restarts"] == 1 and summary["attempts"] == 1
     (root,) = [f for f in summary["failures"] if f.get("root")]
-    assert root["message"] == "RuntimeError: injected failure at global step 7 on rank 3"
-    assert root["rank"] == 3 and root["node"] in slurm_cluster.nodes
+    assert root["message"] == "RuntimeError: injected failure at global step 7 on rank 1"
+    assert root["rank"] == 1 and root["node"] in slurm_cluster.nodes
     # The restarted group resumed from epoch 0's checkpoint (global step 5), not from 0.
     resumed = [RESUMED.search(p.read_text()) for p in
                jobdir.path.glob("nodes/*/workers/attempt-0/restart-1/rank-0/stdout.log")]
@@ -119,7 +119,7 @@ def start_three_nodes(cluster: SlurmCluster, job_root: Path
     nodes Slurm gives the job its maximum, 3."""
     launcher = subprocess.Popen(
         submit_args(job_root, "--wait", "--set", "nodes=2:3", "--set",
-                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+                    "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.4]"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_of(cluster),
         stdin=subprocess.DEVNULL)
     job_root.mkdir(exist_ok=True)
@@ -278,7 +278,7 @@ def test_hot_spare_keeps_the_world_size_after_a_node_loss(
     excluded."""
     launcher = subprocess.Popen(
         submit_args(tmp_path, "--wait", "--set", "nodes=2", "--set", "spares=1", "--set",
-                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+                    "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.4]"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_of(slurm_cluster),
         stdin=subprocess.DEVNULL)
     try:
@@ -320,7 +320,7 @@ def test_batch_host_loss_requeues_and_resumes_without_it(
     the summary counts the requeue."""
     result = subprocess.run(
         submit_args(tmp_path, "--set", "nodes=2:3", "--set", "preemption.grace=30", "--set",
-                    "entrypoint.args=[--epochs, 6, --steps-per-epoch, 10, --step-sleep, 0.4]"),
+                    "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.4]"),
         capture_output=True, text=True, timeout=60, env=env_of(slurm_cluster),
         stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -50,7 +50,10 @@ def hpc_elastic(cluster: SlurmCluster, *args: str, timeout: float = 60
 
 
 def submit(cluster: SlurmCluster, job_root: Path, *extra: str) -> JobDir:
-    result = subprocess.run(submit_args(job_root, *extra), capture_output=True, text=True,
+    # 2 workers per node: the grow must land mid-run, and a 1-worker run finished its
+    # LONG_RUN before a grow job's agents joined (one run of 8 epochs at load 9).
+    result = subprocess.run(submit_args(job_root, "--set", "nproc_per_node=2", *extra),
+                            capture_output=True, text=True,
                             timeout=60, env=env_of(cluster), stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     (path,) = [p for p in job_root.iterdir() if p.is_dir()]

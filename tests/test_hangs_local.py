@@ -212,7 +212,7 @@ def test_straggler_node_is_flagged_and_a_healthy_run_is_not(tmp_path: Path) -> N
     equal (DDP waits for the slowest); busy times are not: rank 1's node flags itself, the
     others never do. Windows of 2 s (HPC_ELASTIC_STEP_WINDOW) keep the test short."""
     result, jobdir = run_job(
-        tmp_path, "slow", "--work-s 0.02 --slow-factor 2.0", steps=400, nodes=3,
+        tmp_path, "slow", "--work-s 0.02 --slow-factor 2.0", steps=200, nodes=3,
         sets=["env.HPC_ELASTIC_STEP_WINDOW=2", "stragglers=exclude"], timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     flags = events(jobdir, "node.straggler")

@@ -280,6 +280,7 @@ def test_slurm_preemption_requeues_once_and_resumes(slurm_cluster: Any, tmp_path
     started = time.monotonic()
     args = [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
             "--set", f"job_root={tmp_path}", "--set", "slurm.time=5", "--set", "nodes=2",
+            "--set", "nproc_per_node=1",  # 2 ranks; saves 2 workers' `import torch` per start
             "--set", f"entrypoint.args={TRAIN_ARGS}", "--set", "preemption.grace=30"]
     env = {**slurm_cluster.env, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env,

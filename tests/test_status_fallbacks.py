@@ -23,6 +23,7 @@ def test_status_of_a_finished_job_without_sacct_falls_back_to_the_job_directory(
     done = subprocess.run(
         [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
          "--wait", "--set", f"job_root={jobs}", "--set", "nodes=1", "--set", "slurm.time=5",
+         "--set", "nproc_per_node=1",
          "--set", "entrypoint.args=[--epochs, 1, --steps-per-epoch, 2]"],
         capture_output=True, text=True, timeout=180, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_helpers import ONE_WORKER_PER_NODE
 from slurm_cluster.fixture import SlurmCluster
 
 from hpc_elastic.jobdir import AGENT_LOG, LOCAL_AGENTS, JobDir
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.slurm
 def submit(cluster: SlurmCluster, job_root: Path, *extra: str,
            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     args = [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
-            "--set", f"job_root={job_root}", "--set", "slurm.time=5", *extra]
+            "--set", f"job_root={job_root}", "--set", "slurm.time=5", *ONE_WORKER_PER_NODE,
+            *extra]
     env = {**cluster.env, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
                           stdin=subprocess.DEVNULL)
@@ -56,7 +58,7 @@ def test_three_node_job_runs_to_success_with_every_nodes_logs(
     local_root = tmp_path.parent / f"{tmp_path.name}-local"
     local = subprocess.run(
         [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
-         "--local", "--set", f"job_root={local_root}", "--set", "nodes=3",
+         "--local", "--set", f"job_root={local_root}", "--set", "nodes=3", *ONE_WORKER_PER_NODE,
          "--set", "entrypoint.args=[--epochs, 2, --steps-per-epoch, 5]"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert local.returncode == 0, local.stderr[-3000:]
