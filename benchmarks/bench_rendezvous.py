@@ -28,7 +28,8 @@ Three parts, every process on this machine, directories on local disk (``tempfil
 3. **Scale**: one round with 256 and 512 participants, simulated by threads in 4 processes
    (each thread is a full handler: own node id, heartbeat thread, lock, polling). Time from
    last arrival to all done, from first arrival to all done, and file operations per
-   participant (state/heartbeat opens, renames, lock acquisitions; the agents' store not counted).
+   participant (state/heartbeat/join-request opens, renames, lock acquisitions; the agents'
+   store not counted), and the number of state versions committed for the whole round.
    Target: < 5 s at 512.
 
 The machine's load average is printed with each part: timings on 2 shared cores are noisy.
@@ -238,6 +239,9 @@ def _scale_process(root, run_id, n, count, ready, finished, results, index=0) ->
         t.start()
     for t in threads:
         t.join()
+    head = handlers[0]._state_file.read_head() if handlers else None
+    # A fresh run directory: the newest version's number is the number of commits.
+    out = [(*row, head.version if head else 0) for row in out]
     results.put(out)
     finished.wait()
     for h in handlers:
@@ -273,6 +277,7 @@ def scale(n: int, roots: list[str], processes: int = 4) -> dict:
         "first_arrival_to_all_done_s": max(dones) - min(calls),
         "fs_ops_per_participant_mean": statistics.mean(total_ops),
         "fs_ops_per_participant_max": max(total_ops),
+        "state_commits": max(r[4] for r in rows),
         "breakdown_mean": per_participant,
     }
 
@@ -280,7 +285,7 @@ def scale(n: int, roots: list[str], processes: int = 4) -> dict:
 def part_scale(sizes: list[int], roots: list[str] | None = None) -> list[dict]:
     print(f"\n## 3. One round with many participants, threads in 4 processes ({_load()})")
     print(f"{'nodes':>6} {'last->done s':>13} {'first->done s':>14} {'fs ops/node':>12} "
-          f"{'max':>5}  breakdown (mean per node)")
+          f"{'max':>5} {'commits':>7}  breakdown (mean per node)")
     rows = []
     with _roots(roots) as dirs:
         for n in sizes:
@@ -289,6 +294,7 @@ def part_scale(sizes: list[int], roots: list[str] | None = None) -> list[dict]:
             print(f"{n:>6} {r['last_arrival_to_all_done_s']:>13.3f} "
                   f"{r['first_arrival_to_all_done_s']:>14.3f} "
                   f"{r['fs_ops_per_participant_mean']:>12.1f} {r['fs_ops_per_participant_max']:>5}"
+                  f" {r['state_commits']:>7}"
                   f"  opens {b['opens']:.1f}, renames {b['renames']:.1f}, locks {b['locks']:.1f}")
             rows.append(r)
     return rows

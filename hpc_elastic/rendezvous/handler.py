@@ -36,6 +36,7 @@ from .events import DEFAULT_DESTINATION, EventEmitter, logger
 from .heartbeat import UNKNOWN, HeartbeatWriter, LivenessObserver, watch_set
 from .layout import RunLayout
 from .locking import probe_flock
+from .requests import JoinRequest, Rejected, RequestBox, rejection_message
 from .settings import COMMAND_KEY_PREFIX, Settings
 from .state import COMPLETE, JOINING, FsOps, Head, State, StateFile
 from .store import SharedDirStore
@@ -43,6 +44,10 @@ from .store import SharedDirStore
 BACKEND_NAME = "sharedfs"
 #: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
 WATCH_FANOUT = 8
+#: Batched joins: how often a joiner whose request was not folded tries the lock without
+#: waiting (then polls up to ``BATCH_PATIENCE`` s for a holder to fold it) before it queues.
+BATCH_TRIES = 3
+BATCH_PATIENCE = 1.0
 #: While a forming round keeps changing, a waiting node re-reads the whole state this often.
 FULL_REFRESH = 1.0
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -102,6 +107,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         #: Filesystem operations made by this handler (state, heartbeats; not the store).
         self.fs_ops = FsOps()
         self._state_file = StateFile(self._layout, settings.lock_timeout, self.fs_ops)
+        self._requests = RequestBox(self._layout, self._state_file.sync, self.fs_ops)
         self._addr = local_addr or socket.getfqdn()
         self._round: int | None = None
         self._beater = HeartbeatWriter(self._layout.heartbeat(self._node), self.fs_ops,
@@ -176,7 +182,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         try:
             if leaving is None:
                 self._check_run_key(deadline)
-            state = self._step(endpoint, leaving)
+            state = self._join(endpoint, leaving)
             state = self._wait(state, endpoint, leaving, start, deadline)
         except Exception as exc:
             fenced = self.explain(exc)
@@ -198,8 +204,127 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                                     s.run_key)
             return bool(done)
 
-        state = self._state_file.transact(change)
+        state = self._transact(change)
         self._report(done, state)
+        return state
+
+    def _join(self, endpoint: str, leaving: int | None) -> State:
+        """Join by request (batched, see :mod:`.requests`); through the lock if not folded soon.
+
+        The joiner commits ``requests/<node>`` naming the round it saw, then tries the lock
+        without waiting: free, it commits its join and folds everyone else's pending request;
+        taken, its holder will most likely fold this request, so it polls the state's head
+        instead of queueing. Not folded after ``BATCH_TRIES`` such tries (a listing that lags,
+        a holder that crashed), it queues for the lock like a join without requests.
+        """
+        s = self._settings
+        try:
+            seen = self._state_file.read() or State()
+        except (OSError, SharedFSRendezvousError):
+            return self._step(endpoint, leaving)
+        if not protocol.wants_to_join(seen, self._node, leaving, s.max_nodes, s.run_key):
+            return seen
+        if seen.closed or self._node in seen.dead:
+            return self._step(endpoint, leaving)  # fold never resurrects: join ourselves
+        request = JoinRequest(self._node, endpoint, seen.round, leaving, s.run_key)
+        try:
+            self._requests.submit(request)
+        except OSError as exc:  # FencedError is not an OSError: it ends the join
+            logger.debug("could not leave a join request, joining through the lock: %s", exc)
+            return self._step(endpoint, leaving)
+        done: list[str] = []
+
+        def change(st: State) -> bool:
+            done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes,
+                                    s.run_key)
+            return bool(done)
+
+        try:
+            for _ in range(BATCH_TRIES):
+                state = self._try_transact(change)
+                if state is not None:
+                    self._report(done, state)
+                    return state
+                state = self._await_fold(seen.version, leaving)
+                if state is not None:
+                    return state
+            return self._step(endpoint, leaving)
+        finally:
+            self._requests.withdraw(self._node)
+
+    def _await_fold(self, version: int, leaving: int | None) -> State | None:
+        """Poll the head until a version newer than ``version`` shows up (at most
+        ``BATCH_PATIENCE`` s); the state if it no longer needs this node's join (folded), else
+        ``None`` (try the lock again)."""
+        s = self._settings
+        end = time.monotonic() + max(BATCH_PATIENCE, 4 * s.poll_interval_max)
+        pause = s.poll_interval
+        while time.monotonic() < end:
+            time.sleep(pause)
+            self._check_fenced()
+            pause = min(pause * 1.5, s.poll_interval_max)
+            try:
+                head = self._state_file.read_head()
+                if head is None or head.version <= version:
+                    continue
+                state = self._state_file.read()
+            except (OSError, SharedFSRendezvousError) as exc:
+                logger.debug("polling for a folded join request failed: %s", exc)
+                continue
+            if state is None:
+                continue
+            if not protocol.wants_to_join(state, self._node, leaving, s.max_nodes, s.run_key):
+                return state
+            return None
+        return None
+
+    def _transact(self, change: Callable[[State], bool], timeout: float | None = None) -> State:
+        """``StateFile.transact`` that also folds every pending join request (see
+        :meth:`_folding`)."""
+        state = self._folding(change, lambda fold: self._state_file.transact(fold, timeout))
+        assert state is not None
+        return state
+
+    def _try_transact(self, change: Callable[[State], bool]) -> State | None:
+        """:meth:`_transact` if the lock is free now; else ``None``, nothing done."""
+        return self._folding(change, self._state_file.try_transact)
+
+    def _folding(self, change: Callable[[State], bool],
+                 run: Callable[[Callable[[State], bool]], State | None]) -> State | None:
+        """Run a transaction (``run``) whose change is ``change`` plus the fold of every pending
+        join request: whoever holds the lock folds them, whatever its own change. Once it
+        committed, the request files it folded, found stale or rejected are removed."""
+        s = self._settings
+        settled_: list[tuple[str, tuple[int, int] | None]] = []
+        rejected: list[Rejected] = []
+        folded_done: list[str] = []
+
+        def with_fold(st: State) -> bool:
+            changed = change(st)
+            try:
+                found, bad = self._requests.scan()
+            except OSError as exc:  # a listing that fails now: the next holder folds them
+                logger.debug("could not list the join requests: %s", exc)
+                return changed
+            did, verdicts = protocol.fold(st, [f.request for f in found], s.min_nodes,
+                                          s.max_nodes)
+            folded_done[:] = did
+            rejected[:] = bad
+            settled_[:] = [(f.path, f.ident) for f in found
+                           if verdicts.get(f.request.node) != "future"]
+            settled_.extend((r.path, r.ident) for r in bad)
+            return changed or "joined" in verdicts.values()
+
+        state = run(with_fold)
+        if state is None:
+            return None
+        for path, ident in settled_:
+            self._requests.remove(path, ident)
+        for item in rejected:
+            text = rejection_message(item)
+            logger.warning("%s", text)
+            self._events.emit("request_rejected", text, path=item.path, reason=item.reason)
+        self._report(folded_done, state)
         return state
 
     def _check_run_key(self, deadline: float) -> None:
@@ -324,7 +449,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             if state.version != acted_on and protocol.wants_to_join(
                     state, self._node, leaving, s.max_nodes, s.run_key):
                 acted_on = state.version
-                state = self._step(endpoint, leaving)
+                state = self._join(endpoint, leaving)
                 head, full_at = state.head(), time.monotonic()
                 continue
             wake = deadline
@@ -369,7 +494,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             done[:] = protocol.last_call(st, self._node, round_, s.min_nodes)
             return bool(done)
 
-        state = self._state_file.transact(change)
+        state = self._transact(change)
         self._report(done, state)
         return state
 
@@ -419,7 +544,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(done)
 
         try:
-            self._state_file.transact(change, timeout=5.0)
+            self._transact(change, timeout=5.0)
         except Exception:  # best effort: our heartbeat will stop anyway
             logger.debug("could not withdraw after the join timeout", exc_info=True)
         s = self._settings
@@ -504,7 +629,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
     def set_closed(self) -> None:
         # A fenced node must never end the run for the others that went on without it.
         self._check_fenced()
-        self._state_file.transact(lambda st: bool(protocol.close(st)),
+        self._transact(lambda st: bool(protocol.close(st)),
                                   timeout=self._settings.close_timeout)
         self._events.emit("closed", "closed the rendezvous", round=self._round)
 
@@ -543,7 +668,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(protocol.declare_dead(st, [self._node], s.min_nodes, s.max_nodes))
 
         try:
-            state = self._state_file.transact(change, timeout=s.close_timeout)
+            state = self._transact(change, timeout=s.close_timeout)
         except Exception as exc:
             logger.warning("could not record the departure from rendezvous %s: %s",
                            s.run_id, exc)
@@ -794,7 +919,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(done)
 
         # Never wait long here: beats of this node wait meanwhile; retried next interval.
-        state = self._state_file.transact(change, timeout=s.heartbeat_interval)
+        state = self._transact(change, timeout=s.heartbeat_interval)
         for what in done:
             kind, _, node = what.partition(":")
             if kind == "dead":

@@ -7,6 +7,8 @@
     state.json          polling hint: a second name of a recent version, renamed over each time
     state.lock          flock'd around every read-modify-write; never written, never deleted
     hb/<node>           heartbeat counter of one node; exactly one writer (that node)
+    requests/<node>     a join request of one node (batched joins, .requests); immutable,
+                        committed by link, removed once a lock holder folded it into a version
     stores/r<N>-<tok>/  the agents' store of round N (token random per round; .store): one
                         immutable file per value, committed by link; never deleted while the
                         run lives
@@ -72,6 +74,13 @@ class RunLayout:
         return self.heartbeats / node
 
     @property
+    def requests(self) -> Path:
+        return self.run_dir / "requests"
+
+    def request(self, node: str) -> Path:
+        return self.requests / node
+
+    @property
     def stores(self) -> Path:
         return self.run_dir / "stores"
 
@@ -98,7 +107,7 @@ class RunLayout:
                 "directory on a filesystem every node mounts (torchrun: --rdzv-endpoint=/path)."
             )
         check_root(root)
-        for path in (self.run_dir, self.heartbeats, self.stores, self.versions):
+        for path in (self.run_dir, self.heartbeats, self.stores, self.versions, self.requests):
             settled(lambda path=path: _make_dir_here(path), path)
             check_own_dir(path)
 

@@ -154,6 +154,35 @@ class ProcessFileLock:
             if not handed_over:
                 self._mutex.release()
 
+    @contextmanager
+    def try_hold(self) -> Iterator[bool]:
+        """Hold the lock for the body if it is free right now (yields True), else yield False
+        at once. For batched joins: a joiner that finds the lock taken leaves its request to
+        the holder instead of queueing behind it (see :mod:`.requests`)."""
+        if not self._mutex.acquire(blocking=False):
+            yield False
+            return
+        try:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in NO_LOCK_ERRNOS:
+                    raise LockingUnsupportedError(
+                        unsupported_message(self.path.parent, exc)) from exc
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                yield False
+                return
+            self.acquisitions += 1
+            try:
+                yield True
+            finally:
+                _unlock(fd)
+        finally:
+            self._mutex.release()
+
     def _open(self) -> int:
         # Only this module opens the lock file (NFS: closing any descriptor drops the lock).
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

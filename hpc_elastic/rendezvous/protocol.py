@@ -13,14 +13,25 @@ I/O makes the rules testable on their own and readable in one screen:
    that is still alive has joined (and there are at least ``min_nodes``), or when a participant
    has seen ``min_nodes`` for the whole last-call window on its own clock.
 3. Ranks follow the previous round's order (so rank 0 stays put when it can), then join order.
-4. A node whose heartbeat counter stalled is declared dead: it leaves the forming round, the
+4. Batched joins (:mod:`.requests`): whoever holds the lock also applies :func:`join` for every
+   pending request file (:func:`fold`), so many joins cost one commit.
+5. A node whose heartbeat counter stalled is declared dead: it leaves the forming round, the
    expected set and the waiting list; in a complete round it stays listed (ranks are fixed) but
    the survivors see it in ``dead`` and re-form without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from .requests import JoinRequest
 from .state import COMPLETE, JOINING, State, new_token
+
+#: What :func:`fold` did with a request: ``joined`` (the state changed), ``present`` (already
+#: where it belongs), and the unfolded ones -- ``stale`` (made for an older round), ``dead``
+#: (its node is declared dead), ``foreign`` (another run's key), ``closed``, ``future`` (a round
+#: this state has not reached: kept, the holder's view may lag). All but ``future`` are removed.
+FOLDED = frozenset({"joined", "present"})
 
 
 def join(state: State, node: str, endpoint: str, leaving_round: int | None,
@@ -69,6 +80,38 @@ def join(state: State, node: str, endpoint: str, leaving_round: int | None,
         state.waiting.append(node)
         done.append("waiting")
     return done
+
+
+def fold(state: State, requests: Sequence[JoinRequest], min_nodes: int,
+         max_nodes: int) -> tuple[list[str], dict[str, str]]:
+    """Join every valid pending request's node, as if each had taken the lock in turn.
+
+    Returns what changed in the round (``opened``, ``completed:...``, ``claimed``) and a verdict
+    per request node (see :data:`FOLDED`). Only requests made for the round of ``state`` *as
+    the holder read it* are folded (the first of them may open the next round; the others then
+    join it, exactly as their own calls of :func:`join` would have), and never one of a node
+    listed as dead: a request left behind by a crashed holder must not resurrect a node declared
+    dead since; a live node declared dead joins through the lock and :func:`join` itself.
+    """
+    done: list[str] = []
+    verdicts: dict[str, str] = {}
+    round_ = state.round
+    for req in requests:
+        if state.closed:
+            verdicts[req.node] = "closed"
+        elif req.round > round_:
+            verdicts[req.node] = "future"
+        elif req.round < round_:
+            verdicts[req.node] = "stale"
+        elif req.node in state.dead:
+            verdicts[req.node] = "dead"
+        elif req.key is not None and state.key is not None and req.key != state.key:
+            verdicts[req.node] = "foreign"
+        else:
+            did = join(state, req.node, req.endpoint, req.leaving, min_nodes, max_nodes, req.key)
+            verdicts[req.node] = "joined" if did else "present"
+            done += [d for d in did if d.startswith(("opened", "completed", "claimed"))]
+    return done, verdicts
 
 
 def wants_to_join(state: State, node: str, leaving_round: int | None, max_nodes: int,

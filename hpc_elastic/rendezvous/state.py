@@ -554,34 +554,45 @@ class StateFile:
         """
         limit = self.lock_timeout if timeout is None else timeout
         with self._lock.hold(limit):
-            self.ops.locks += 1
-            deadline = time.monotonic() + max(limit, 1.0)
-            lost = 0  # a version another writer committed while our view was older
-            while True:
-                try:
-                    current = self.read(at_least=lost) or State()
-                except (StateUnavailableError, OSError) as exc:
-                    if isinstance(exc, OSError) and exc.errno not in TRANSIENT_READ:
-                        raise
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-                    continue
-                work = current.copy()
-                if not change(work):
-                    return work
-                work.version = current.version + 1
-                if self._commit(work):
-                    return work.copy()
-                lost = work.version
+            return self._locked(change, limit)
+
+    def try_transact(self, change: Callable[[State], bool]) -> State | None:
+        """:meth:`transact` if the lock is free right now; ``None`` (nothing done) if it is
+        held: a batched joiner then leaves its join to the holder (see :mod:`.requests`)."""
+        with self._lock.try_hold() as held:
+            if not held:
+                return None
+            return self._locked(change, self.lock_timeout)
+
+    def _locked(self, change: Callable[[State], bool], limit: float) -> State:
+        self.ops.locks += 1
+        deadline = time.monotonic() + max(limit, 1.0)
+        lost = 0  # a version another writer committed while our view was older
+        while True:
+            try:
+                current = self.read(at_least=lost) or State()
+            except (StateUnavailableError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in TRANSIENT_READ:
+                    raise
                 if time.monotonic() > deadline:
-                    raise FencedError(
-                        f"Could not commit a change to the rendezvous state in "
-                        f"{str(self.layout.versions)!r} within {limit:.0f} s: other writers "
-                        "kept committing first although this node held the lock, so this "
-                        "node's lock is not respected (lost on the server, or a filesystem "
-                        "whose locks do not work across nodes, e.g. Lustre -o localflock)."
-                    )
+                    raise
+                time.sleep(0.05)
+                continue
+            work = current.copy()
+            if not change(work):
+                return work
+            work.version = current.version + 1
+            if self._commit(work):
+                return work.copy()
+            lost = work.version
+            if time.monotonic() > deadline:
+                raise FencedError(
+                    f"Could not commit a change to the rendezvous state in "
+                    f"{str(self.layout.versions)!r} within {limit:.0f} s: other writers "
+                    "kept committing first although this node held the lock, so this "
+                    "node's lock is not respected (lost on the server, or a filesystem "
+                    "whose locks do not work across nodes, e.g. Lustre -o localflock)."
+                )
 
     def compare_and_set(self, new: State, expected_version: int) -> tuple[bool, State]:
         """Write ``new`` only if the newest version is still ``expected_version``.
