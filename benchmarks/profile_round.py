@@ -5,8 +5,9 @@
 
 Runs bench_rendezvous's part 3 (N participants as threads in 4 processes, spread over 3
 GlusterFS client nodes, tests/sharedfs) once, with the rendezvous' file operations timed in
-every process: the state lock (waiting for it, holding it), the commit of a version, full
-state reads, head polls, heartbeat beats, peer observation. Prints calls, total and mean time
+every process: the state lock (waiting for it, trying it, holding it), the commit of a
+version, full state reads, head polls, heartbeat beats, peer observation, join requests
+(submitted by joiners, scanned by lock holders). Prints calls, total and mean time
 of each, summed over all participants (so totals overlap in time: compare "lock held" with the
 round's wall time to see how much of it is serialized joins). Results: docs/benchmarks.md.
 """
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_rendezvous as bench  # noqa: E402
 
-from hpc_elastic.rendezvous import heartbeat, locking, state  # noqa: E402
+from hpc_elastic.rendezvous import heartbeat, locking, requests, state  # noqa: E402
 
 STATS: dict[str, list[float]] = {}  # name -> [calls, seconds]
 _GUARD = threading.Lock()
@@ -61,6 +62,8 @@ def _instrument() -> None:
     _time(state.StateFile, "read_head", "read the head (poll)")
     _time(heartbeat.HeartbeatWriter, "beat", "heartbeat beat")
     _time(heartbeat.LivenessObserver, "observe", "observe watched peers")
+    _time(requests.RequestBox, "submit", "join request: submit")
+    _time(requests.RequestBox, "scan", "join requests: scan (by the holder)")
     hold = locking.ProcessFileLock.hold
 
     @contextlib.contextmanager
@@ -75,6 +78,21 @@ def _instrument() -> None:
                 _add("state lock: held", time.perf_counter() - held)
 
     locking.ProcessFileLock.hold = timed_hold  # type: ignore[method-assign]
+    try_hold = locking.ProcessFileLock.try_hold
+
+    @contextlib.contextmanager
+    def timed_try_hold(self) -> Iterator[bool]:
+        start = time.perf_counter()
+        with try_hold(self) as held:
+            _add("state lock: try" + ("" if held else " (busy)"), time.perf_counter() - start)
+            taken = time.perf_counter()
+            try:
+                yield held
+            finally:
+                if held:
+                    _add("state lock: held", time.perf_counter() - taken)
+
+    locking.ProcessFileLock.try_hold = timed_try_hold  # type: ignore[method-assign]
     scale_process = bench._scale_process
 
     def profiled(*args, **kwargs) -> None:

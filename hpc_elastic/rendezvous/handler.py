@@ -44,10 +44,12 @@ from .store import SharedDirStore
 BACKEND_NAME = "sharedfs"
 #: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
 WATCH_FANOUT = 8
-#: Batched joins: how often a joiner whose request was not folded tries the lock without
-#: waiting (then polls up to ``BATCH_PATIENCE`` s for a holder to fold it) before it queues.
-BATCH_TRIES = 3
+#: Batched joins (see ``_join``): a joiner whose request is not folded polls up to
+#: ``BATCH_PATIENCE`` s for a new version; after ``BATCH_IDLE`` such waits without one, or
+#: ``BATCH_LIMIT`` s in all, it queues for the lock itself.
 BATCH_PATIENCE = 1.0
+BATCH_IDLE = 2
+BATCH_LIMIT = 20.0
 #: While a forming round keeps changing, a waiting node re-reads the whole state this often.
 FULL_REFRESH = 1.0
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -213,9 +215,12 @@ class SharedFSRendezvousHandler(RendezvousHandler):
 
         The joiner commits ``requests/<node>`` naming the round it saw, then tries the lock
         without waiting: free, it commits its join and folds everyone else's pending request;
-        taken, its holder will most likely fold this request, so it polls the state's head
-        instead of queueing. Not folded after ``BATCH_TRIES`` such tries (a listing that lags,
-        a holder that crashed), it queues for the lock like a join without requests.
+        taken, its holder (or the next) will most likely fold this request, so it polls the
+        state's head instead of queueing, and tries the lock again after each new version
+        that did not fold it. When no new version shows up for ``BATCH_PATIENCE`` s twice
+        (``BATCH_IDLE``), or after ``BATCH_LIMIT`` s in all, it queues for the lock like a
+        join without requests: a request that no holder ever sees (a listing that lags, a
+        holder that crashed) costs time, never the join.
         """
         s = self._settings
         try:
@@ -240,22 +245,28 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(done)
 
         try:
-            for _ in range(BATCH_TRIES):
+            version, idle = seen.version, 0
+            give_up = time.monotonic() + BATCH_LIMIT
+            while idle < BATCH_IDLE and time.monotonic() < give_up:
                 state = self._try_transact(change)
                 if state is not None:
                     self._report(done, state)
                     return state
-                state = self._await_fold(seen.version, leaving)
+                state, newer = self._await_fold(version, leaving)
                 if state is not None:
                     return state
+                if newer is None:
+                    idle += 1  # the holder committed nothing for a while: slow, or stuck
+                else:
+                    version = newer
             return self._step(endpoint, leaving)
         finally:
             self._requests.withdraw(self._node)
 
-    def _await_fold(self, version: int, leaving: int | None) -> State | None:
+    def _await_fold(self, version: int, leaving: int | None) -> tuple[State | None, int | None]:
         """Poll the head until a version newer than ``version`` shows up (at most
-        ``BATCH_PATIENCE`` s); the state if it no longer needs this node's join (folded), else
-        ``None`` (try the lock again)."""
+        ``BATCH_PATIENCE`` s). Returns the state if it no longer needs this node's join
+        (folded), else ``(None, the newer version)``, or ``(None, None)`` if none came."""
         s = self._settings
         end = time.monotonic() + max(BATCH_PATIENCE, 4 * s.poll_interval_max)
         pause = s.poll_interval
@@ -274,9 +285,9 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             if state is None:
                 continue
             if not protocol.wants_to_join(state, self._node, leaving, s.max_nodes, s.run_key):
-                return state
-            return None
-        return None
+                return state, state.version
+            return None, state.version
+        return None, None
 
     def _transact(self, change: Callable[[State], bool], timeout: float | None = None) -> State:
         """``StateFile.transact`` that also folds every pending join request (see
@@ -473,11 +484,12 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                 # ESTALE and friends were retried already; keep our view and poll again.
                 logger.debug("polling the rendezvous state failed: %s", exc)
                 new = None
-            relevant = False
+            relevant = changed = False
             if new is not None and new.version > head.version:
-                relevant = _matters(new) != _matters(head)
+                relevant, changed = _matters(new) != _matters(head), True
                 head = new
-            pause = s.poll_interval if relevant else min(pause * 1.5, s.poll_interval_max)
+            # Poll fast while versions come (few: joins are batched), back off while idle.
+            pause = s.poll_interval if changed else min(pause * 1.5, s.poll_interval_max)
             if head.version != state.version and (
                     relevant or time.monotonic() - full_at >= FULL_REFRESH):
                 try:
