@@ -182,6 +182,7 @@ def test_forged_or_malformed_request_files_are_rejected_with_their_reason(tmp_pa
 def test_a_joiner_whose_request_is_never_folded_still_joins(tmp_path, shutdown_later,
                                                              monkeypatch):
     monkeypatch.setattr(handler_module, "BATCH_PATIENCE", 0.2)
+    monkeypatch.setattr(handler_module, "BATCH_LIMIT", 0.6)
     layout = RunLayout(tmp_path, "run")
     handlers = _handlers(tmp_path, 1, 1, 1, poll_interval_max=0.05)
     shutdown_later(handlers)
@@ -190,7 +191,7 @@ def test_a_joiner_whose_request_is_never_folded_still_joins(tmp_path, shutdown_l
         threads, results = _start(handlers)
         _wait_for(lambda: _requests(layout) == [handlers[0].node_id])
         os.unlink(layout.request(handlers[0].node_id))  # lost: no holder will ever see it
-        time.sleep(1.5)  # past every try without waiting: the joiner queues for the lock
+        time.sleep(1.5)  # past BATCH_LIMIT: the joiner queues for the lock
         assert threads[0].is_alive()
     (info,) = _finish(threads, results)
     assert info.world_size == 1 and info.rank == 0

@@ -45,11 +45,15 @@ BACKEND_NAME = "sharedfs"
 #: How many ring neighbours each node watches (see :func:`.heartbeat.watch_set`).
 WATCH_FANOUT = 8
 #: Batched joins (see ``_join``): a joiner whose request is not folded polls up to
-#: ``BATCH_PATIENCE`` s for a new version; after ``BATCH_IDLE`` such waits without one, or
-#: ``BATCH_LIMIT`` s in all, it queues for the lock itself.
+#: ``BATCH_PATIENCE`` s for a new version, then tries the lock again; after ``BATCH_LIMIT`` s
+#: in all it queues for the lock itself.
 BATCH_PATIENCE = 1.0
-BATCH_IDLE = 2
 BATCH_LIMIT = 20.0
+#: Nodes per ``poll_interval`` of head polling: a round of N nodes is polled every
+#: ``poll_interval * N / POLL_SPREAD`` s at the fastest (at most ``poll_interval_max``), so N
+#: waiting nodes do not flood a shared filesystem's clients with reads while a few
+#: nodes still see a change within ``poll_interval``.
+POLL_SPREAD = 16
 #: While a forming round keeps changing, a waiting node re-reads the whole state this often.
 FULL_REFRESH = 1.0
 _HOST_CHARS = re.compile(r"[^A-Za-z0-9_-]")
@@ -83,6 +87,12 @@ def lost_fs_name(err: OSError) -> str:
     """``ENOTCONN: Transport endpoint is not connected`` for an ``OSError``."""
     name = errno.errorcode.get(err.errno or 0, str(err.errno))
     return f"{name}: {err.strerror or os.strerror(err.errno or 0)}"
+
+
+def fastest_poll(head: Head | None, poll_interval: float, poll_interval_max: float) -> float:
+    """The shortest pause between two head polls for a round the size ``head`` shows."""
+    nodes = (head.n + head.nw) if head is not None else 0
+    return min(poll_interval_max, poll_interval * max(1.0, nodes / POLL_SPREAD))
 
 
 def _matters(head: Head) -> tuple:
@@ -217,10 +227,10 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         without waiting: free, it commits its join and folds everyone else's pending request;
         taken, its holder (or the next) will most likely fold this request, so it polls the
         state's head instead of queueing, and tries the lock again after each new version
-        that did not fold it. When no new version shows up for ``BATCH_PATIENCE`` s twice
-        (``BATCH_IDLE``), or after ``BATCH_LIMIT`` s in all, it queues for the lock like a
-        join without requests: a request that no holder ever sees (a listing that lags, a
-        holder that crashed) costs time, never the join.
+        that did not fold it, or after ``BATCH_PATIENCE`` s without one (a new round: it
+        renews its request for that round). Not folded after ``BATCH_LIMIT`` s, it queues for
+        the lock like a join without requests: a request that no holder ever sees (a listing
+        that lags, a holder that crashed) costs time, never the join.
         """
         s = self._settings
         try:
@@ -245,9 +255,9 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             return bool(done)
 
         try:
-            version, idle = seen.version, 0
+            version = seen.version
             give_up = time.monotonic() + BATCH_LIMIT
-            while idle < BATCH_IDLE and time.monotonic() < give_up:
+            while time.monotonic() < give_up:
                 state = self._try_transact(change)
                 if state is not None:
                     self._report(done, state)
@@ -255,21 +265,26 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                 state, newer = self._await_fold(version, leaving)
                 if state is not None:
                     return state
-                if newer is None:
-                    idle += 1  # the holder committed nothing for a while: slow, or stuck
-                else:
-                    version = newer
+                if newer is not None:
+                    version = newer.version
+                    if newer.round != request.round and not newer.closed:
+                        # A new round: the old request is stale now (removed unfolded).
+                        request = JoinRequest(self._node, endpoint, newer.round, leaving,
+                                              s.run_key)
+                        self._requests.submit(request)
             return self._step(endpoint, leaving)
         finally:
             self._requests.withdraw(self._node)
 
-    def _await_fold(self, version: int, leaving: int | None) -> tuple[State | None, int | None]:
+    def _await_fold(self, version: int, leaving: int | None) -> tuple[State | None,
+                                                                     State | None]:
         """Poll the head until a version newer than ``version`` shows up (at most
-        ``BATCH_PATIENCE`` s). Returns the state if it no longer needs this node's join
-        (folded), else ``(None, the newer version)``, or ``(None, None)`` if none came."""
+        ``BATCH_PATIENCE`` s). Returns ``(state, None)`` if the state no longer needs this
+        node's join (folded), else ``(None, that newer state)``, or ``(None, None)`` if none
+        came."""
         s = self._settings
         end = time.monotonic() + max(BATCH_PATIENCE, 4 * s.poll_interval_max)
-        pause = s.poll_interval
+        pause = fastest_poll(self._state_file.last_head, s.poll_interval, s.poll_interval_max)
         while time.monotonic() < end:
             time.sleep(pause)
             self._check_fenced()
@@ -285,8 +300,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             if state is None:
                 continue
             if not protocol.wants_to_join(state, self._node, leaving, s.max_nodes, s.run_key):
-                return state, state.version
-            return None, state.version
+                return state, None
+            return None, state
         return None, None
 
     def _transact(self, change: Callable[[State], bool], timeout: float | None = None) -> State:
@@ -489,7 +504,8 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                 relevant, changed = _matters(new) != _matters(head), True
                 head = new
             # Poll fast while versions come (few: joins are batched), back off while idle.
-            pause = s.poll_interval if changed else min(pause * 1.5, s.poll_interval_max)
+            fastest = fastest_poll(head, s.poll_interval, s.poll_interval_max)
+            pause = fastest if changed else min(max(pause * 1.5, fastest), s.poll_interval_max)
             if head.version != state.version and (
                     relevant or time.monotonic() - full_at >= FULL_REFRESH):
                 try:

@@ -367,6 +367,11 @@ class StateFile:
         #: fsync each version before it counts (on a shared filesystem; see layout.is_local_fs).
         self.sync = not is_local_fs(layout.root)
 
+    @property
+    def last_head(self) -> Head | None:
+        """The newest head seen so far (no file access)."""
+        return self._head
+
     # -------------------------------------------------------------------------------- reading
     def read_head(self) -> Head | None:
         """The newest head this node can see; ``None`` before anyone wrote the state.
