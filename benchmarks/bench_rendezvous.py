@@ -57,6 +57,8 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 FORK = multiprocessing.get_context("fork")
+#: Seconds a scale round may take before it counts as not finished (--scale-timeout).
+SCALE_TIMEOUT = [300.0]
 
 
 def _preload() -> None:
@@ -261,7 +263,9 @@ def scale(n: int, roots: list[str], processes: int = 4) -> dict:
         p.daemon = True
         p.start()
     try:
-        rows = [row for _ in procs for row in results.get(timeout=300)]
+        end = time.monotonic() + SCALE_TIMEOUT[0]
+        rows = [row for _ in procs
+                for row in results.get(timeout=max(1.0, end - time.monotonic()))]
     finally:
         for p in procs:
             p.join(30)
@@ -287,16 +291,22 @@ def part_scale(sizes: list[int], roots: list[str] | None = None) -> list[dict]:
     print(f"{'nodes':>6} {'last->done s':>13} {'first->done s':>14} {'fs ops/node':>12} "
           f"{'max':>5} {'commits':>7}  breakdown (mean per node)")
     rows = []
-    with _roots(roots) as dirs:
-        for n in sizes:
-            r = scale(n, dirs)
-            b = r["breakdown_mean"]
-            print(f"{n:>6} {r['last_arrival_to_all_done_s']:>13.3f} "
-                  f"{r['first_arrival_to_all_done_s']:>14.3f} "
-                  f"{r['fs_ops_per_participant_mean']:>12.1f} {r['fs_ops_per_participant_max']:>5}"
-                  f" {r['state_commits']:>7}"
-                  f"  opens {b['opens']:.1f}, renames {b['renames']:.1f}, locks {b['locks']:.1f}")
-            rows.append(r)
+    for n in sizes:
+        try:
+            with _roots(roots) as dirs:
+                r = scale(n, dirs)
+        except Exception as exc:  # noqa: BLE001 - reported; larger rounds are not tried
+            print(f"{n:>6} did not finish: {type(exc).__name__}: {str(exc)[:200]}")
+            rows.append({"participants": n, "finished": False, "error": str(exc)[:500]})
+            break
+        b = r["breakdown_mean"]
+        print(f"{n:>6} {r['last_arrival_to_all_done_s']:>13.3f} "
+              f"{r['first_arrival_to_all_done_s']:>14.3f} "
+              f"{r['fs_ops_per_participant_mean']:>12.1f} {r['fs_ops_per_participant_max']:>5}"
+              f" {r['state_commits']:>7}"
+              f"  opens {b['opens']:.1f}, renames {b['renames']:.1f}, locks {b['locks']:.1f}"
+              f" ({_load()})")
+        rows.append(r)
     return rows
 
 
@@ -359,9 +369,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", default="2,4,8,16")
     parser.add_argument("--scale", default="256,512")
+    parser.add_argument("--scale-timeout", type=float, default=300.0,
+                        help="seconds before a scale round counts as not finished")
     parser.add_argument("--skip-kill", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
+    SCALE_TIMEOUT[0] = args.scale_timeout
     if args.quick:
         args.repeats, args.scale = 1, "256"
     if args.smoke:

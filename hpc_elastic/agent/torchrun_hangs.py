@@ -34,6 +34,7 @@ from typing import Any
 from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.config import DEFAULT_HANG_TIMEOUT, MIN_HANG_TIMEOUT
 from hpc_elastic.jobdir import JobDir
+from hpc_elastic.rendezvous.layout import settled
 from hpc_elastic.telemetry.events import EventLog
 from hpc_elastic.telemetry.jsonl import JsonlWriter
 from hpc_elastic.telemetry.schema import Context
@@ -86,7 +87,7 @@ class TorchrunHangWatch:
     def _record(self, kind: str, **fields: Any) -> None:
         if self._events is None:
             path = self.jobdir.events(self.node)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            settled(lambda: path.parent.mkdir(parents=True, exist_ok=True), path.parent)
             self._events = EventLog(JsonlWriter(path), Context(
                 job_id=str(self.handler.get_run_id()), attempt=0, node=self.node))
         self._events.record(kind, **fields)
@@ -94,7 +95,9 @@ class TorchrunHangWatch:
     def new_round(self, round_: int, world: int) -> None:
         """The handler completed ``round_``: point the next workers at a fresh folder."""
         folder = self.jobdir.path / "progress" / f"round-{round_}" / self.node
-        folder.mkdir(parents=True, exist_ok=True)
+        # Every node makes round-N/ at the same moment: through a caching client (GlusterFS)
+        # mkdir answers EEXIST/ENOENT for a directory another node just made; retried.
+        settled(lambda: folder.mkdir(parents=True, exist_ok=True), folder)
         os.environ[ENV_PROGRESS_DIR] = str(folder)
         with self._lock:
             self._folder, self._nodes, self._seen = folder, world, {}
