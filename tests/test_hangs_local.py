@@ -196,7 +196,7 @@ def test_restart_storm_same_hang_stops_after_the_limit(tmp_path: Path) -> None:
     """The restarted group deadlocks again before its first step: judged from its start
     (hang_startup_timeout), it is a hang too, the same one, and the second stops restarts."""
     result, jobdir = run_job(tmp_path, "deadlock", "--every-start", max_restarts=5,
-                             sets=["same_failure_limit=2", "hang_startup_timeout=45"],
+                             sets=["same_failure_limit=2", "hang_startup_timeout=30"],
                              timeout=300)
     assert result.returncode != 0
     assert len({e["stamp"] for e in events(jobdir, "hang.dumped")}) == 2

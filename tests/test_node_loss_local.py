@@ -29,6 +29,7 @@ def test_rank0_node_killed_survivors_finish_and_summary_says_so(tmp_path: Path) 
     launcher = subprocess.Popen(
         [sys.executable, "-m", "hpc_elastic", "submit", str(REPO / "examples" / "demo.yaml"),
          "--local", "--set", f"job_root={tmp_path}", "--set", "nodes=2:3",
+         "--set", "nproc_per_node=1",  # 3 nodes: 3 workers importing torch, not 6, per start
          "--set", "entrypoint.args=[--epochs, 4, --steps-per-epoch, 10, --step-sleep, 0.1]",
          "--set", "rendezvous.heartbeat_interval=0.5", "--set", "rendezvous.heartbeat_timeout=2",
          "--set", "rendezvous.last_call_timeout=1"],
