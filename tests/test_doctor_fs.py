@@ -78,7 +78,9 @@ def test_doctor_measures_two_glusterfs_clients(sharedfs_clients, profile):
 @pytest.mark.fs_profile("cached")
 def test_doctor_inside_a_two_node_allocation_measures_the_shared_volume(slurm_cluster, tmp_path):
     """The way users run it: ``doctor`` inside a 2-node Slurm allocation probes the job
-    directory's filesystem from two nodes (their own GlusterFS clients) through srun."""
+    directory's filesystem from two nodes (their own GlusterFS clients) through srun, and
+    checks across the nodes that they see each other's files, agree on the clock and run the
+    same python and torch."""
     script = tmp_path / "doctor.sh"
     script.write_text(f"#!/bin/bash\n{sys.executable} -m hpc_elastic doctor --dir {tmp_path}\n")
     job = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--time=10",
@@ -89,3 +91,6 @@ def test_doctor_inside_a_two_node_allocation_measures_the_shared_volume(slurm_cl
     assert state in ("COMPLETED", "FAILED"), f"job {job}: {state}\n{log}"
     _rows(log)  # both delays measured, ten rounds each
     assert "[ok  ] locks conflict across nodes" in log, log
+    assert "[ok  ] nodes see each other's files: 2 of 2 nodes' reports visible here" in log, log
+    assert "[ok  ] node clocks agree" in log, log
+    assert "[ok  ] python and torch match" in log, log

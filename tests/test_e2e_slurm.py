@@ -76,8 +76,9 @@ def test_worker_crash_one_restart_resumes_and_finishes(
     assert result.returncode == 0, result.stdout + result.stderr + slurm_logs(jobdir)
     summary = summary_json(jobdir)
     summary_text(jobdir)
-    assert summary["status"] == "succeeded"
+    assert summary["job_id"] == job_id_of(jobdir) and summary["status"] == "succeeded"
     assert summary["restarts"] == 1 and summary["attempts"] == 1
+    assert set(summary["nodes"]) <= set(slurm_cluster.nodes) and len(summary["nodes"]) == 2
     (root,) = [f for f in summary["failures"] if f.get("root")]
     assert root["message"] == "RuntimeError: injected failure at global step 7 on rank 1"
     assert root["rank"] == 1 and root["node"] in slurm_cluster.nodes

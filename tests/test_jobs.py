@@ -201,20 +201,3 @@ def test_without_slurm_submit_says_so_and_runs_locally(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert "Slurm's sbatch is not on PATH" in result.stderr and "--local" in result.stderr
     assert result.stdout.startswith("would run locally: 2 agent(s) x 2 worker(s)")
-
-
-@pytest.mark.slurm
-def test_doctor_inside_a_two_node_allocation_checks_across_nodes(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    out = tmp_path / "doctor.out"
-    job_id = slurm_cluster.sbatch(
-        "--nodes=2", "--time=2", f"--output={out}",
-        "--wrap", f"{sys.executable} -m hpc_elastic doctor --dir {tmp_path}")
-    state = slurm_cluster.wait_job(job_id, timeout=120)
-    report = out.read_text()
-    assert state == "COMPLETED", report
-    assert "[ok  ] nodes see each other's files: 2 of 2 nodes' reports visible here" in report
-    assert "[ok  ] node clocks agree" in report
-    assert "[ok  ] python and torch match" in report
-    assert "all checks passed" in report

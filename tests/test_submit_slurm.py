@@ -106,24 +106,3 @@ def test_dry_run_prints_the_script_and_submits_nothing(
     assert "#SBATCH --nodes=2-3" in result.stdout and "#SBATCH --no-kill" in result.stdout
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
     assert slurm_cluster.run(["squeue", "--noheader", "--all"]).stdout == before
-
-
-@pytest.mark.slow
-def test_summary_of_a_slurm_job_with_an_injected_failure(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    result = submit(slurm_cluster, tmp_path, "--wait", "--set", "nodes=2", "--set",
-                    "entrypoint.args=[--epochs, 2, --steps-per-epoch, 5, --fail-at-step, 7,"
-                    " --fail-rank, 1]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = list(tmp_path.iterdir())
-    summary = json.loads(subprocess.run(
-        [sys.executable, "-m", "hpc_elastic", "logs", "summary", str(path), "--json"],
-        capture_output=True, text=True, timeout=60).stdout)
-    job_id = json.loads(JobDir(path).submission.read_text())["job_id"]
-    assert summary["job_id"] == job_id and summary["status"] == "succeeded"
-    assert summary["attempts"] == 1 and summary["restarts"] == 1
-    assert set(summary["nodes"]) <= set(slurm_cluster.nodes) and len(summary["nodes"]) == 2
-    (root,) = [f for f in summary["failures"] if f.get("root")]
-    assert root["message"] == "RuntimeError: injected failure at global step 7 on rank 1"
-    assert root["node"] in slurm_cluster.nodes and root["rank"] == 1
