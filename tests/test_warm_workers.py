@@ -181,6 +181,9 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
         agents = json.loads((jobdir.path / "local-agents.json").read_text())["pids"]
         victim = next(n for n in nodes if any(
             e["kind"] == "workers.warm" and victim_pid in e["pids"] for e in events(jobdir, n)))
+        # a warm worker leads its own process group, as torch's workers do: fencing's
+        # killpg(SIGKILL) (agent/runner.py kill_workers) reaches it and its children
+        assert os.getpgid(victim_pid) == victim_pid
         for pid in (agents[int(victim.removeprefix("local"))], victim_pid):
             os.kill(pid, signal.SIGKILL)
         wait_for("the survivors' new group", lambda: len(starts(out)) >= 5)
