@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed.elastic.multiprocessing.api as mp_api
@@ -45,7 +45,6 @@ class Standby:
 
     proc: subprocess.Popen[bytes]
     sock: socket.socket
-    started: float = field(default_factory=time.monotonic)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
