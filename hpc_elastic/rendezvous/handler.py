@@ -48,7 +48,7 @@ WATCH_FANOUT = 8
 #: ``BATCH_PATIENCE`` s for a new version, then tries the lock again; after ``BATCH_LIMIT`` s
 #: in all it queues for the lock itself.
 BATCH_PATIENCE = 1.0
-BATCH_LIMIT = 20.0
+BATCH_LIMIT = 60.0
 #: Nodes per ``poll_interval`` of head polling: a round of N nodes is polled every
 #: ``poll_interval * N / POLL_SPREAD`` s at the fastest (at most ``poll_interval_max``), so N
 #: waiting nodes do not flood a shared filesystem's clients with reads while a few
