@@ -27,7 +27,7 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.rendezvous.api import RendezvousClosedError
 
-from hpc_elastic.agent import console
+from hpc_elastic.agent import console, stop_signals
 from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
@@ -94,6 +94,7 @@ class ObservedAgent(LocalElasticAgent):
             if self.standby is not None:
                 stack.enter_context(self.standby.serving())
             started = super()._start_workers(worker_group)
+        stop_signals.reinstall()  # torch set its own SIGTERM/SIGINT handler
         if self.preemption is not None:
             self.preemption.forward_again()
         if self.standby is not None:
@@ -113,6 +114,7 @@ class ObservedAgent(LocalElasticAgent):
         """A node excluded as a straggler (``stragglers: exclude``) does not rejoin: it leaves
         the run here, at the group's next restart, like a lost node (the others re-form without
         it). torch's ``run`` stops its workers on the way out."""
+        stop_signals.raise_if_swallowed()
         if self.stragglers is not None and self.stragglers.excluded is not None:
             raise NodeExcluded(self.stragglers.excluded)
         super()._restart_workers(worker_group)
@@ -127,6 +129,7 @@ class ObservedAgent(LocalElasticAgent):
         return
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        stop_signals.raise_if_swallowed()
         try:
             result = super()._monitor_workers(worker_group)
         except (ValueError, KeyError, TypeError):
@@ -258,31 +261,13 @@ def run_agent(target: str | Path) -> int:
     says why (hpc_elastic/agent/ending.py).
     """
     ending = Ending()
-    _stop_on_signals()
+    stop_signals.install()
     try:
         return _run_agent(target, ending)
     except SignalException as err:  # stopped while setting up, before torch's agent ran
         return ending.stopped(err)
     except Exception as err:  # noqa: BLE001 - every end gets its final event, then the code
         return ending.crashed(err)
-
-
-def _stop_on_signals() -> None:
-    """SIGTERM/SIGINT raise ``SignalException`` from the agent's first line on.
-
-    Why: torch installs that handler only when it starts the first workers. Before -- reading
-    the job, waiting in the rendezvous for the other nodes, which can take minutes -- the
-    default action killed the agent on the spot: no final event, no departure from the
-    rendezvous (``scancel`` or ``cancel`` of a job still forming left "running" nodes behind,
-    seen in tests/test_cancel_local.py). A signal this process inherited as ignored stays
-    ignored (``nohup``, a shell's background job)."""
-    def stop(received: int, _frame: object) -> None:
-        raise SignalException(f"Process {os.getpid()} got signal: {received}",
-                              sigval=signal.Signals(received))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, stop)
 
 
 def _run_agent(target: str | Path, ending: Ending) -> int:

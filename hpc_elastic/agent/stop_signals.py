@@ -1,0 +1,66 @@
+"""SIGTERM/SIGINT stop the agent, from its first line to its last, and none is ever lost.
+
+Two holes in torch's own handling, both seen end to end:
+
+- torch installs its handler (raise ``SignalException``) only when it starts the first workers.
+  Before that -- reading the job, waiting minutes in the rendezvous for the other nodes -- the
+  default action killed the agent on the spot: no final event, no departure from the
+  rendezvous (tests/test_cancel_local.py).
+- torch's ``TailLog.stop()`` catches *every* ``Exception`` from its log-tailer futures, and so
+  also the ``SignalException`` its handler raises when SIGTERM comes while a failed worker
+  group is being closed: it logs "error in log tailer ... SignalException" and goes on. Seen
+  in the clean-clone CI run (tests/test_batch_supervisor.py, the supervisor's SIGTERM after a
+  requeue): the agent restarted its workers into a rendezvous nobody else would join and
+  waited there, deaf to the signal it had been sent, until the test gave up after 200 s.
+
+So the handler here records the signal before raising, the agent puts it back after each
+worker start (torch replaces it there), and the agent raises a recorded signal again at its
+next step (:func:`raise_if_swallowed`). A signal this process inherited as ignored stays
+ignored (``nohup``, a shell's background job).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from torch.distributed.elastic.multiprocessing import SignalException
+
+#: The stop signals this agent handles (not those it inherited as ignored).
+_HANDLED: set[signal.Signals] = set()
+#: Stop signals received so far, first first.
+_RECEIVED: list[signal.Signals] = []
+
+
+def _stop(received: int, _frame: object) -> None:
+    sigval = signal.Signals(received)
+    _RECEIVED.append(sigval)
+    raise SignalException(f"Process {os.getpid()} got signal: {received}", sigval=sigval)
+
+
+def install() -> None:
+    """From the agent's first line: SIGTERM/SIGINT raise ``SignalException`` (and are
+    recorded). Only the main thread may set handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig in _HANDLED or signal.getsignal(sig) is not signal.SIG_IGN:
+            _HANDLED.add(sig)
+            signal.signal(sig, _stop)
+
+
+def reinstall() -> None:
+    """After torch started workers (``PContext.start`` set its own handler): ours again, so
+    that the next signal is recorded too."""
+    if _HANDLED:
+        install()
+
+
+def raise_if_swallowed() -> None:
+    """Raise again a stop signal that was received but did not end the agent (swallowed by
+    torch code that catches every exception)."""
+    if _RECEIVED:
+        sigval = _RECEIVED[0]
+        raise SignalException(f"Process {os.getpid()} got signal: {int(sigval)} (raised again: "
+                              "the first raise was swallowed)", sigval=sigval)
