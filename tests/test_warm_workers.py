@@ -196,9 +196,12 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
             launcher.communicate()
 
     lines = starts(out)
-    groups = [lines[0:3], lines[3:5]]
-    assert len(lines) == 5, lines
-    for group, world in zip(groups, (3, 2), strict=True):
+    # the 3-node group, then the survivors' 2-node group; under load the survivors sometimes
+    # re-form once more (one of them joined the new round before the other saw the loss):
+    # every later group is a 2-node group from standbys too
+    assert len(lines) >= 5 and (len(lines) - 3) % 2 == 0, lines
+    groups = [lines[0:3]] + [lines[i:i + 2] for i in range(3, len(lines), 2)]
+    for group, world in zip(groups, [3] + [2] * (len(groups) - 1), strict=True):
         envs = [x["env"] for x in group]
         assert sorted(int(e["RANK"]) for e in envs) == list(range(world))
         assert {e["WORLD_SIZE"] for e in envs} == {str(world)}
