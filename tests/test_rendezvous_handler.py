@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+from rendezvous_helpers.threads import rendezvous_all
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous.api import (
     RendezvousClosedError,
@@ -40,29 +41,6 @@ def _handlers(root: Path, n: int, lo: int, hi: int, **kw):
             for _ in range(n)]
 
 
-def _rendezvous_all(handlers, timeout: float = 30):
-    """next_rendezvous on every handler concurrently; returns infos or raises the first error."""
-    results: dict[int, object] = {}
-
-    def run(i, h):
-        try:
-            results[i] = h.next_rendezvous()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i, h), daemon=True)
-               for i, h in enumerate(handlers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert all(not t.is_alive() for t in threads), "a rendezvous hung"
-    for value in results.values():
-        if isinstance(value, BaseException):
-            raise value
-    return [results[i] for i in range(len(handlers))]
-
-
 @pytest.fixture
 def shutdown_later():
     handlers = []
@@ -74,7 +52,7 @@ def shutdown_later():
 def test_nodes_get_distinct_ranks_one_master_and_a_shared_store(tmp_path, shutdown_later):
     handlers = _handlers(tmp_path, 4, 2, 4)
     shutdown_later(handlers)
-    infos = _rendezvous_all(handlers)
+    infos = rendezvous_all(handlers)
     assert sorted(i.rank for i in infos) == [0, 1, 2, 3]
     assert {i.world_size for i in infos} == {4}
     masters = {(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port)
@@ -91,10 +69,10 @@ def test_rerendezvous_forms_a_new_round_with_a_new_store_and_stable_ranks(tmp_pa
                                                                            shutdown_later):
     handlers = _handlers(tmp_path, 3, 2, 3)
     shutdown_later(handlers)
-    first = _rendezvous_all(handlers)
+    first = rendezvous_all(handlers)
     assert [h.num_nodes_waiting() for h in handlers] == [0, 0, 0]
     start = time.monotonic()
-    second = _rendezvous_all(handlers)
+    second = rendezvous_all(handlers)
     assert time.monotonic() - start < 2, "a full re-formation completes without last call"
     assert [i.rank for i in second] == [i.rank for i in first]
     assert {h.round for h in handlers} == {1}
@@ -108,7 +86,7 @@ def test_late_node_is_announced_and_admitted_at_the_next_round(tmp_path, shutdow
     handlers = _handlers(tmp_path, 2, 2, 3, last_call_timeout=0.3)
     late = _handlers(tmp_path, 1, 2, 3, last_call_timeout=0.3)[0]
     shutdown_later([*handlers, late])
-    _rendezvous_all(handlers)
+    rendezvous_all(handlers)
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("info", late.next_rendezvous()))
     thread.start()
@@ -116,7 +94,7 @@ def test_late_node_is_announced_and_admitted_at_the_next_round(tmp_path, shutdow
     while handlers[0].num_nodes_waiting() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert handlers[0].num_nodes_waiting() == 1
-    infos = _rendezvous_all(handlers)
+    infos = rendezvous_all(handlers)
     thread.join(10)
     assert {i.world_size for i in infos} == {3} and box["info"].world_size == 3
     assert box["info"].rank == 2, "the newcomer ranks after the old members"
@@ -125,7 +103,7 @@ def test_late_node_is_announced_and_admitted_at_the_next_round(tmp_path, shutdow
 def test_surplus_node_waits_without_forcing_restarts_and_exits_gracefully(tmp_path):
     handlers = _handlers(tmp_path, 2, 1, 2)
     spare = _handlers(tmp_path, 1, 1, 2)[0]
-    _rendezvous_all(handlers)
+    rendezvous_all(handlers)
     box: dict[str, BaseException] = {}
 
     def wait_spare():
@@ -177,10 +155,10 @@ def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, vic
     if victim_rank == 0:
         victim.start()  # joins first, so it gets rank 0
         time.sleep(0.3)
-        infos = _rendezvous_all(survivors)
+        infos = rendezvous_all(survivors)
     else:
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("i", _rendezvous_all(survivors)))
+        t = threading.Thread(target=lambda: box.setdefault("i", rendezvous_all(survivors)))
         t.start()
         time.sleep(0.3)
         victim.start()
@@ -198,7 +176,7 @@ def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, vic
         while survivors[0].num_nodes_waiting() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert survivors[0].num_nodes_waiting() >= 1, "the dead node was reported"
-        infos = _rendezvous_all(survivors)
+        infos = rendezvous_all(survivors)
         took = time.monotonic() - killed
         assert {i.world_size for i in infos} == {2}
         assert sorted(i.rank for i in infos) == [0, 1]
@@ -215,11 +193,11 @@ def test_departed_node_is_not_waited_for_and_the_run_stays_open(tmp_path, shutdo
     once, not after heartbeat_timeout, and the run is not closed for them."""
     handlers = _handlers(tmp_path, 3, 1, 3, heartbeat_timeout=60)
     shutdown_later(handlers[:2])
-    _rendezvous_all(handlers)
+    rendezvous_all(handlers)
     assert handlers[2].depart()
     assert handlers[0].num_nodes_waiting() >= 1, "the survivors learn their round is over"
     start = time.monotonic()
-    infos = _rendezvous_all(handlers[:2])
+    infos = rendezvous_all(handlers[:2])
     assert time.monotonic() - start < 5, "no wait for the departed node's heartbeat to age"
     assert {i.world_size for i in infos} == {2}
     assert not handlers[0].is_closed()
@@ -256,7 +234,7 @@ def test_leftovers_of_a_crashed_run_do_not_confuse_a_new_one(tmp_path, shutdown_
     (probe._layout.versions / ".tmp-crashed").write_bytes(b"torn write of a crashed writer")
     handlers = _handlers(tmp_path, 2, 2, 2)
     shutdown_later(handlers)
-    infos = _rendezvous_all(handlers)
+    infos = rendezvous_all(handlers)
     assert {i.world_size for i in infos} == {2}
     assert {i.bootstrap_store_info.master_addr for i in infos} == {"127.0.0.1"}
     assert handlers[0].round == 8
@@ -280,7 +258,7 @@ def test_events_reach_the_torch_rendezvous_event_logger(tmp_path):
     logger.addHandler(capture)
     try:
         handlers = _handlers(tmp_path, 2, 2, 2)
-        _rendezvous_all(handlers)
+        rendezvous_all(handlers)
         for h in handlers:
             h.shutdown()
     finally:

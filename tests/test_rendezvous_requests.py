@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from rendezvous_helpers.threads import finish_rendezvous, rendezvous_all, start_rendezvous
 
 from hpc_elastic.rendezvous import create_handler, protocol
 from hpc_elastic.rendezvous import handler as handler_module
@@ -28,32 +28,6 @@ FAST = {"heartbeat_interval": 0.1, "heartbeat_timeout": 0.6, "last_call_timeout"
 def _handlers(root: Path, n: int, lo: int, hi: int, **kw):
     return [create_handler(root, "run", lo, hi, local_addr="127.0.0.1", **{**FAST, **kw})
             for _ in range(n)]
-
-
-def _start(handlers) -> tuple[list[threading.Thread], dict[int, object]]:
-    results: dict[int, object] = {}
-
-    def run(i, h):
-        try:
-            results[i] = h.next_rendezvous()
-        except BaseException as exc:  # noqa: BLE001 - checked by the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i, h), daemon=True)
-               for i, h in enumerate(handlers)]
-    for t in threads:
-        t.start()
-    return threads, results
-
-
-def _finish(threads, results, timeout: float = 30) -> list:
-    for t in threads:
-        t.join(timeout)
-    assert all(not t.is_alive() for t in threads), "a rendezvous hung"
-    for value in results.values():
-        if isinstance(value, BaseException):
-            raise value
-    return [results[i] for i in range(len(threads))]
 
 
 def _wait_for(predicate, timeout: float = 20) -> None:
@@ -98,10 +72,10 @@ def test_many_pending_joins_are_folded_into_one_commit(tmp_path, shutdown_later)
     layout = RunLayout(tmp_path, "run")
     lock = ProcessFileLock.for_path(layout.lock)
     with lock.hold(10):  # a holder that is busy while every node arrives
-        threads, results = _start(handlers)
+        threads, results = start_rendezvous(handlers)
         _wait_for(lambda: len(_requests(layout)) == n)
         assert _versions(layout) == [], "nobody got past the held lock"
-    infos = _finish(threads, results)
+    infos = finish_rendezvous(threads, results)
     assert sorted(i.rank for i in infos) == list(range(n))
     assert _versions(layout) == ["000000000001"], "all joins in the first commit"
     assert _requests(layout) == [], "folded requests are removed"
@@ -121,7 +95,7 @@ def test_a_stale_request_never_resurrects_a_node_declared_dead(tmp_path, shutdow
     box.submit(JoinRequest("old", "127.0.0.1:2", 0, None))
     handlers = _handlers(tmp_path, 2, 2, 2)
     shutdown_later(handlers)
-    infos = _finish(*_start(handlers))
+    infos = rendezvous_all(handlers)
     final = store.read()
     assert final is not None and final.phase == COMPLETE
     assert "ghost" not in final.participants and "ghost" in final.dead
@@ -169,7 +143,7 @@ def test_forged_or_malformed_request_files_are_rejected_with_their_reason(tmp_pa
     handlers = _handlers(tmp_path, 2, 2, 2)
     shutdown_later(handlers)
     with caplog.at_level(logging.WARNING, logger="hpc_elastic.rendezvous"):
-        infos = _finish(*_start(handlers))
+        infos = rendezvous_all(handlers)
     assert {i.world_size for i in infos} == {2}, "forged requests joined nobody"
     final = StateFile(layout, 5).read()
     assert final is not None and sorted(final.participants) == sorted(h.node_id for h in handlers)
@@ -188,11 +162,11 @@ def test_a_joiner_whose_request_is_never_folded_still_joins(tmp_path, shutdown_l
     shutdown_later(handlers)
     lock = ProcessFileLock.for_path(layout.lock)
     with lock.hold(10):
-        threads, results = _start(handlers)
+        threads, results = start_rendezvous(handlers)
         _wait_for(lambda: _requests(layout) == [handlers[0].node_id])
         os.unlink(layout.request(handlers[0].node_id))  # lost: no holder will ever see it
         time.sleep(1.5)  # past BATCH_LIMIT: the joiner queues for the lock
         assert threads[0].is_alive()
-    (info,) = _finish(threads, results)
+    (info,) = finish_rendezvous(threads, results)
     assert info.world_size == 1 and info.rank == 0
     assert _versions(layout) == ["000000000001"]
