@@ -373,7 +373,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                                                 preemption.signum))
             watch.start()
     elif ident.is_member:
-        _leave_on_signal(preemption.signum)
+        stop_signals.also_stop_on(preemption.signum)
 
     events.record("agent.start", pid=os.getpid(), address=ident.address,
                   nodes=config.nodes, nproc_per_node=config.nproc_per_node,
@@ -477,16 +477,6 @@ def _requeue(jobdir: JobDir, ident: NodeIdentity, record: Callable[..., None]) -
     excluded = requeue_without_excluded(jobdir, ident.job_id)
     if excluded:
         record("requeue.excluded", nodes=excluded)
-
-
-def _leave_on_signal(signum: int) -> None:
-    """A member job's agent takes the preemption signal (its own time limit or preemption is
-    near) like SIGTERM: it stops its workers and leaves the run, which goes on without it."""
-    def leave(received: int, _frame: object) -> None:
-        raise SignalException(f"Process {os.getpid()} got signal: {received}",
-                              sigval=signal.Signals(received))
-
-    signal.signal(signum, leave)
 
 
 def worker_pids(agent: LocalElasticAgent) -> list[int]:

@@ -50,11 +50,20 @@ def install() -> None:
             signal.signal(sig, _stop)
 
 
+def also_stop_on(signum: int) -> None:
+    """One more signal that stops the agent like SIGTERM: a member job's preemption signal (its
+    own time limit or preemption is near), on which it stops its workers and leaves the run."""
+    sig = signal.Signals(signum)
+    _HANDLED.add(sig)
+    signal.signal(sig, _stop)
+
+
 def reinstall() -> None:
     """After torch started workers (``PContext.start`` set its own handler): ours again, so
     that the next signal is recorded too."""
-    if _HANDLED:
-        install()
+    if threading.current_thread() is threading.main_thread():
+        for sig in _HANDLED:
+            signal.signal(sig, _stop)
 
 
 def raise_if_swallowed() -> None:
