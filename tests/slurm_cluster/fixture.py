@@ -293,11 +293,34 @@ class SlurmCluster:
 
     # -- fault tools (each undone by heal(); measured times in README.md) ---------------------
     def _signal_node(self, node: str, sig: int) -> list[int]:
+        if sig == signal.SIGKILL:
+            return self._kill_node_at_once(node)
         pids = self.node_processes(node)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         return pids
+
+    def _kill_node_at_once(self, node: str) -> list[int]:
+        """SIGKILL every process in ``node`` as if at one instant: SIGSTOP them all first (and
+        whatever they forked meanwhile), then SIGKILL. Killed one by one, a process still
+        running could react to the death of another: measured under load, the batch host's
+        ``srun`` of another node's step cancelled that step ("STEP ... CANCELLED" on the
+        survivor at the cut) before it was killed itself, so the cut took a healthy node
+        with it. A real power cut gives nobody that moment."""
+        stopped: list[int] = []
+        for _ in range(10):
+            fresh = [pid for pid in self.node_processes(node) if pid not in stopped]
+            if not fresh:
+                break
+            for pid in fresh:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped += fresh
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return sorted(stopped)
 
     def kill_node(self, node: str, sig: int = signal.SIGKILL, processes: bool = True) -> list[int]:
         """Send ``sig`` to ``node``'s slurmd and, with ``processes``, to every process in the
