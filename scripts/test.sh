@@ -10,4 +10,6 @@ bash scripts/setup-venv.sh
 # Debian's slurmctld/slurmd/munge/slurmdbd/mariadb for the test cluster (skipped if present).
 bash tests/slurm_cluster/install-deps.sh
 .venv/bin/ruff check hpc_elastic tests benchmarks examples
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist): most of the suite waits on timeouts, not on the CPU. The Slurm
+# cluster's tests stay together in one of them (tests/parallel_groups.py); "-n 0" runs serially.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -23,9 +23,27 @@ from slurm_cluster.fixture import (  # noqa: F401  (fixtures are found by name)
 # `sharedfs_clients(k, profile)`: K real GlusterFS clients of one volume, each in its own
 # "node", same path everywhere (see tests/sharedfs/__init__.py). Marked `sharedfs` (= slurm).
 from sharedfs.fixture import (  # noqa: F401
-    pytest_collection_modifyitems,
+    mark_sharedfs_tests_as_slurm,
     sharedfs,
     sharedfs_clients,
 )
+
+# --- Parallel workers (tests/parallel_groups.py) -------------------------------------------------
+# scripts/test.sh runs two pytest-xdist workers (--dist loadgroup); the Slurm cluster's tests run
+# in one worker, the GlusterFS server's tests in one worker, the rest fills in around them.
+import pytest  # noqa: E402
+from parallel_groups import check_groups_took_effect, group_for_workers  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Before -m deselects (tryfirst) and before xdist reads the groups."""
+    mark_sharedfs_tests_as_slurm(items)
+    group_for_workers(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    check_groups_took_effect(session.config, session.items)
+
 
 # --- (next section) ----------------------------------------------------------------------------

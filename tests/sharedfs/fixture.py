@@ -52,9 +52,9 @@ def sharedfs_clients(sharedfs: SharedFS) -> Iterator[Callable[..., Clients]]:
             clients.close()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A ``sharedfs`` test is a ``slurm`` test too (runs before -m deselects: tryfirst)."""
+def mark_sharedfs_tests_as_slurm(items: list[pytest.Item]) -> None:
+    """A ``sharedfs`` test is a ``slurm`` test too (``tests/conftest.py`` calls this from its
+    tryfirst ``pytest_collection_modifyitems``, before -m deselects)."""
     for item in items:
         if item.get_closest_marker("sharedfs") is not None and not item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slurm)
