@@ -384,8 +384,10 @@ def goodput(result: dict[str, Any], total_steps: int, steps_per_epoch: int,
     for t, path, line in lines.lines:
         if m := EPOCH_DONE.search(line):
             per_file.setdefault(path, []).append((t, int(m.group(1))))
+    # Two epochs first seen in the same poll (a loaded machine, a short smoke run) say nothing
+    # about the time per step: only gaps the harness saw open count.
     gaps = [(b[0] - a[0]) / steps_per_epoch for runs in per_file.values()
-            for a, b in zip(runs, runs[1:], strict=False) if b[1] == a[1] + 1]
+            for a, b in zip(runs, runs[1:], strict=False) if b[1] == a[1] + 1 and b[0] > a[0]]
     step_s = statistics.median(gaps) if gaps else float("nan")
     if result["state"] == "COMPLETED":
         kept = total_steps
