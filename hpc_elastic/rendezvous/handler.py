@@ -874,10 +874,13 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         When its beats fail (the filesystem is gone), that is all it takes. A beat that is
         blocked is judged only by the watch thread (``by="watch"``), which knows that it ran
         itself meanwhile: right after a freeze, a beat caught in mid-write looks blocked too.
-        When the node simply did not run (frozen, suspended, starved of CPU), only the
-        heartbeat thread decides (``by="beat"``), before its next beat, from the state: fenced
+        When the node simply did not run (frozen, suspended, starved of CPU), the state
+        decides -- read by the heartbeat thread before its next beat (``by="beat"``), or by the
+        agent's thread or the judge (``by=""``), whichever comes first after the thaw: fenced
         if the others declared it dead meanwhile; otherwise the stall went unnoticed (e.g. the
-        whole machine was starved) and it goes on."""
+        whole machine was starved) and it goes on. (Measured: with only the heartbeat thread
+        deciding, a thawed agent on a loaded machine joined the next round first, 1 of 4 runs
+        of tests/test_fencing_sharedfs.py's freeze case in the suite's two workers.)"""
         if self._fenced is not None:
             return self._fenced
         if self._hb_thread is None or self._shut:
@@ -902,7 +905,11 @@ class SharedFSRendezvousHandler(RendezvousHandler):
         elif since is not None:
             return None
         else:
-            if by != "beat":
+            # Not the watch thread: it must not touch the filesystem. The heartbeat thread
+            # decides before its next beat; the agent's own thread decides too, before it
+            # joins a round or reports on one: right after a thaw it may get there first,
+            # and it must not rejoin as if nothing happened when the others gave up on it.
+            if by == "watch":
                 return None
             try:
                 state = self._state_file.read()
