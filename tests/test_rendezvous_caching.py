@@ -324,3 +324,39 @@ def test_other_errors_are_not_retried(tmp_path: Path) -> None:
     with pytest.raises(SharedFSConfigError, match="cannot write there"):
         settled(action, tmp_path / "hb")
     assert len(calls) == 1
+
+
+SILENT_MAIN = (
+    "import sys, time\n"
+    "from hpc_elastic.rendezvous import create_handler\n"
+    "from hpc_elastic.rendezvous.errors import FencedError\n"
+    "h = create_handler(sys.argv[1], 'run', 2, 2, local_addr='127.0.0.1', "
+    "heartbeat_interval=0.1, heartbeat_timeout=0.8, join_timeout=20, last_call_timeout=1)\n"
+    "h.next_rendezvous(); print('ready', flush=True)\n"
+    "h._hb_stop.set()\n"  # its beats stop as in a freeze; no thread of its own decides for it
+    "time.sleep(3)\n"
+    "try:\n"
+    "    h.num_nodes_waiting(); print('went on', flush=True)\n"
+    "except FencedError as exc:\n"
+    "    print('fenced', exc, flush=True)\n"
+)
+
+
+def test_the_agents_own_thread_fences_a_node_the_others_declared_dead(tmp_path):
+    """Right after a thaw the agent's thread may ask the handler before the heartbeat thread
+    has looked: it must find out from the state itself that the others gave up on this node
+    (seen: a thawed agent joined the next round first and trained on)."""
+    proc = subprocess.Popen([sys.executable, "-c", SILENT_MAIN, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    peer = create_handler(tmp_path, "run", 2, 2, local_addr="127.0.0.1", heartbeat_interval=0.1,
+                          heartbeat_timeout=0.8, join_timeout=20, last_call_timeout=1)
+    try:
+        peer.next_rendezvous()
+        assert proc.stdout.readline().strip() == "ready"
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        peer._hb_stop.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert out.startswith("fenced"), out
+    assert "did not run for" in out and "declared it dead" in out, out
