@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a key, dotted for sections: --set nodes=2:4 --set slurm.partition=gpu "
-        "--set warm_workers=true (restarts use standby workers that have imported torch; see "
+        "--set warm_workers=true (workers are forked from a standby that has imported torch; see "
         "docs/configuration.md) (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")

@@ -112,10 +112,10 @@ class JobConfig:
     hang_timeout: float | None = DEFAULT_HANG_TIMEOUT
     hang_startup_timeout: float | None = None
     same_failure_limit: int = 3
-    #: Keep one pre-started worker process per local rank that has imported torch, and start
-    #: each worker group with them (hpc_elastic/agent/standby.py): restarts skip ``import
-    #: torch``. Off by default: the script then runs in a process whose torch was imported
-    #: before the script could change the environment (docs/configuration.md).
+    #: Keep one pre-started process that has imported torch, and fork each worker group's
+    #: workers from it (hpc_elastic/agent/standby.py): restarts skip ``import torch``. Off by
+    #: default: the script then runs in a process whose torch was imported before the script
+    #: could change the environment (docs/configuration.md).
     warm_workers: bool = False
     stragglers: str = "off"
     job_root: str = "./jobs"

@@ -1,11 +1,12 @@
 """Warm worker starts (``warm_workers``, hpc_elastic/agent/standby.py), for real.
 
 First torch's own ``start_processes`` (what the agent calls) with and without the standby pool:
-the warm worker is the standby process, already has torch imported, gets the exact torchrun
-environment, argv, cwd and log files of a cold one, its exit code and error file reach torch --
-and it starts faster. Then a local job (3 agents, a plain DDP script that ends with
-``destroy_process_group``) through a node loss (world size 3 -> 2): both groups are started
-from standbys with the right ranks and environment.
+the warm worker is a fork of the standby process, already has torch imported, gets the exact
+torchrun environment, argv, cwd and log files of a cold one, its exit code and error file reach
+torch (through the standby, its parent) -- and it starts faster; a killed standby costs cold
+starts and lost exit codes, never a hang. Then a local job (3 agents, a plain DDP script that
+ends with ``destroy_process_group``) through a node loss (world size 3 -> 2): both groups are
+forked by standbys with the right ranks and environment.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,19 +67,28 @@ def run_group(tmp: Path, tag: str, pool: StandbyPool | None, script_args: tuple[
     return {"result": result, "lines": lines}, ready - began, pids
 
 
-def test_a_standby_becomes_the_worker_faster_and_exactly_like_a_cold_one(tmp_path: Path) -> None:
-    pool = StandbyPool(2)
+def ready_standby(pool: StandbyPool) -> int:
+    """Start the pool's standby and give it the time to import torch (what a running group
+    allows it); returns its pid."""
+    (pid,) = pool.fill()
+    time.sleep(8)
+    return pid
+
+
+def test_a_standby_forks_the_worker_faster_and_exactly_like_a_cold_one(tmp_path: Path) -> None:
+    pool = StandbyPool()
     try:
-        standby_pids = pool.fill()
-        assert len(standby_pids) == 2
-        time.sleep(8)  # the standbys import torch meanwhile (what a running group allows)
+        standby = ready_standby(pool)
         warm, warm_s, warm_pids = run_group(tmp_path, "warm", pool, ("--no-dist",))
         assert pool.last_warm == [0, 1] and pool.last_cold == []
         cold, cold_s, _ = run_group(tmp_path, "cold", None, ("--no-dist",))
+        # one standby serves every start: still there for the next group
+        assert pool.fill() == [] and pool.standby is not None and pool.standby.alive()
     finally:
         pool.close()
-    # The workers are the standby processes, which had torch imported before the script ran.
-    assert sorted(warm_pids.values()) == sorted(standby_pids)
+    # The workers are forks of the standby, which had torch imported before the script ran.
+    assert {x["ppid"] for x in warm["lines"]} == {standby}
+    assert standby not in warm_pids.values() and len(set(warm_pids.values())) == 2
     assert all(x["preloaded"] for x in warm["lines"])
     assert not any(x["preloaded"] for x in cold["lines"])
     for group in (warm, cold):
@@ -96,27 +107,62 @@ def test_a_standby_becomes_the_worker_faster_and_exactly_like_a_cold_one(tmp_pat
     assert warm_s < cold_s / 2, (warm_s, cold_s)
 
 
-def test_failures_of_warm_and_cold_workers_reach_torch_alike(tmp_path: Path) -> None:
-    """One standby killed before the start: rank 0 gets the other one, rank 1 is started cold.
-    Rank 0 raises: torch sees its failure with pid, exit code and error file, and stops rank 1
-    (SIGTERM to its process group), as for cold workers."""
-    pool = StandbyPool(2)
+def test_failures_of_forked_and_cold_workers_reach_torch_alike(tmp_path: Path) -> None:
+    """Rank 0 raises: torch sees its failure with pid, exit code and error file, and stops rank 1
+    (SIGTERM to its process group) -- exit codes the standby reaped and reported. Then the
+    standby is killed: the next group starts cold and fails the same way."""
+    pool = StandbyPool()
     try:
-        standbys = pool.fill()
-        os.killpg(standbys[0], signal.SIGKILL)
+        standby = ready_standby(pool)
+        warm, _, warm_pids = run_group(tmp_path, "warm", pool, ("--raise",))
+        assert pool.last_warm == [0, 1]
+        os.kill(standby, signal.SIGKILL)
         time.sleep(0.5)
-        group, _, pids = run_group(tmp_path, "fail", pool, ("--raise",))
-        assert pool.last_warm == [0] and pool.last_cold == [1]
+        cold, _, cold_pids = run_group(tmp_path, "cold", pool, ("--raise",))
+        assert pool.last_warm == [] and pool.last_cold == [0, 1]
     finally:
         pool.close()
-    assert pids[0] == standbys[1] and standbys[0] not in pids.values()
-    failures = group["result"].failures
-    assert failures[0].exitcode == 1 and failures[0].pid == pids[0]
-    assert Path(failures[0].error_file).exists()  # written by hpc_elastic.worker, read by torch
-    assert "injected crash at start" in str(failures[0].message)
-    assert "injected crash at start" in Path(group["result"].stderrs[0]).read_text()
-    if 1 in failures:
-        assert failures[1].pid == pids[1] and failures[1].exitcode == -signal.SIGTERM
+    assert {x["ppid"] for x in warm["lines"]} == {standby}
+    assert {x["ppid"] for x in cold["lines"]} == {os.getpid()}
+    for group, pids in ((warm, warm_pids), (cold, cold_pids)):
+        failures = group["result"].failures
+        assert failures[0].exitcode == 1 and failures[0].pid == pids[0]
+        assert Path(failures[0].error_file).exists()  # written by hpc_elastic.worker
+        assert "injected crash at start" in str(failures[0].message)
+        assert "injected crash at start" in Path(group["result"].stderrs[0]).read_text()
+        if 1 in failures:
+            assert failures[1].pid == pids[1] and failures[1].exitcode == -signal.SIGTERM
+
+
+def test_workers_outlive_a_killed_standby_and_still_end_the_group(tmp_path: Path) -> None:
+    """The standby is killed while its workers run (the OOM killer, a user): they go on, and
+    when they end the agent still sees them end -- with exit code 1 (their real one was lost
+    with the standby), so torch restarts the group rather than waiting forever."""
+    pool = StandbyPool()
+    out = tmp_path / "wait"
+    try:
+        standby = ready_standby(pool)
+        result: dict = {}
+
+        def in_background() -> None:
+            result["group"] = run_group(tmp_path, "wait", pool, ("--wait",))
+
+        runner = threading.Thread(target=in_background)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while len(starts(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(standby, signal.SIGKILL)
+        time.sleep(1.0)
+        workers = [x["pid"] for x in starts(out)]
+        assert len(workers) == 2 and all(Path(f"/proc/{w}").exists() for w in workers)
+        (out / "done").touch()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+    finally:
+        pool.close()
+    group, _, _ = result["group"]
+    assert {f.exitcode for f in group["result"].failures.values()} == {1}
 
 
 def exited(proc: subprocess.Popen) -> bool:
@@ -128,16 +174,21 @@ def exited(proc: subprocess.Popen) -> bool:
     return False
 
 
-def test_standbys_end_when_the_pool_is_closed_or_the_agent_is_gone() -> None:
-    pool = StandbyPool(2)
-    first, second = pool.fill()
-    standbys = list(pool._ready)
-    # An agent that dies (SIGKILL included): the kernel closes its socket ends, and each
+def test_the_standby_ends_when_the_agent_is_gone_or_the_pool_is_closed() -> None:
+    # An agent that dies (SIGKILL included): the kernel closes its socket end, and the
     # standby, once its import is done, reads the end of the socket and exits on its own.
-    standbys[0].sock.close()
-    assert exited(standbys[0].proc) and standbys[0].proc.returncode == 0
-    pool.close()  # the agent ending: the rest is killed and reaped
-    assert standbys[1].proc.returncode is not None
+    pool = StandbyPool()
+    pool.fill()
+    assert pool.standby is not None
+    standby = pool.standby
+    standby.sock.close()
+    assert exited(standby.proc) and standby.proc.returncode == 0
+    second = StandbyPool()
+    second.fill()
+    assert second.standby is not None
+    proc = second.standby.proc
+    second.close()  # the agent ending: the standby is killed and reaped
+    assert proc.returncode is not None
 
 
 @pytest.mark.slow
@@ -168,15 +219,10 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
         path = jobdir.events(node)
         return list(read_jsonl(path)) if path.exists() else []
 
-    def refilled(jobdir: JobDir, nodes: list[str], times: int) -> bool:
-        return all(sum(e["kind"] == "standby.started" for e in events(jobdir, n)) >= times
-                   for n in nodes)
-
     try:
         wait_for("3 workers", lambda: len(starts(out)) >= 3)
         jobdir = JobDir(next(p for p in (tmp_path / "jobs").iterdir() if p.is_dir()))
         nodes = sorted(jobdir.node_names())
-        wait_for("standbys refilled", lambda: refilled(jobdir, nodes, 2))
         victim_pid = next(x for x in starts(out) if x["env"]["GROUP_RANK"] == "2")["pid"]
         agents = json.loads((jobdir.path / "local-agents.json").read_text())["pids"]
         victim = next(n for n in nodes if any(
@@ -213,16 +259,17 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
     # a membership change: torch re-forms without using a restart
     assert {x["env"]["TORCHELASTIC_RESTART_COUNT"] for x in lines} == {"0"}
     assert {x["env"]["GROUP_RANK"] for x in groups[1]} == {"0", "1"}
-    # every worker was a standby the agent had started before, and it says so in its events
-    warm_pids = set()
+    # every worker was forked by a standby its agent had started, and it says so in its events
+    warm_pids, standbys = set(), set()
     for node in nodes:
         evs = events(jobdir, node)
-        standbys = {p for e in evs if e["kind"] == "standby.started" for p in e["pids"]}
+        standbys |= {p for e in evs if e["kind"] == "standby.started" for p in e["pids"]}
         for e in evs:
             if e["kind"] == "workers.warm":
-                assert e["cold"] == [] and set(e["pids"]) <= standbys
+                assert e["cold"] == []
                 warm_pids.update(e["pids"])
     assert {x["pid"] for x in lines} <= warm_pids
+    assert {x["ppid"] for x in lines} <= standbys
     # the survivors ended cleanly (destroy_process_group, exit 0) and left no standby behind
     for node in nodes:
         if node != victim:

@@ -79,7 +79,7 @@ class ObservedAgent(LocalElasticAgent):
         self.hangs = hangs
         self.storm = storm
         self.stragglers = stragglers
-        #: ``warm_workers``: pre-started workers that have imported torch (agent/standby.py)
+        #: ``warm_workers``: a standby that has imported torch forks the workers (agent/standby.py)
         self.standby = standby
         quiet_torch_parser()  # _monitor_workers handles (and records) an unreadable error file
 
@@ -87,7 +87,7 @@ class ObservedAgent(LocalElasticAgent):
         """Start workers with the preemption signal ignored until they install a handler (see
         ``Preemption.ignored_while``); workers started after the signal get it forwarded. The
         hang watch starts watching the new group. With ``warm_workers`` the starts go to the
-        standby processes that are waiting (agent/standby.py)."""
+        standby, which forks them (agent/standby.py)."""
         with contextlib.ExitStack() as stack:
             if self.preemption is not None:
                 stack.enter_context(self.preemption.ignored_while())
@@ -189,8 +189,8 @@ class ObservedAgent(LocalElasticAgent):
 
 
     def fill_standby(self) -> None:
-        """Start the missing standby workers, with the preemption signal ignored as for any
-        worker start (they inherit it)."""
+        """Start the standby if it is missing, with the preemption signal ignored as for any
+        worker start (it and the workers it forks inherit that)."""
         if self.standby is None:
             return
         if self.preemption is None:
@@ -359,7 +359,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                     if config.stragglers != "off" else None),
         on_failure=(lambda failures, remaining, most: console.say(console.failure_line(
             ident.node, failures, remaining, most))) if local_console else None,
-        standby=(StandbyPool(config.nproc_per_node, events.record)
+        standby=(StandbyPool(events.record)
                  if config.warm_workers else None),
     )
     watch = None
@@ -380,7 +380,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                   step=ident.step, launch=ident.launch, run_id=ident.run_id or ident.job_id,
                   member=ident.is_member)
     started = time.monotonic()
-    # The first group's workers, too, come from standbys started now: they import torch while
+    # The first group's workers, too, come from the standby started now: it imports torch while
     # this node waits in the rendezvous for the others.
     agent.fill_standby()
     try:
@@ -439,7 +439,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
 
 def _run_watched(agent: LocalElasticAgent, watch: SupervisorWatch | None) -> RunResult | None:
     """``agent.run``; the supervisor watch ends with it (the supervisor's own end, after the
-    agents', must not look like a lost batch host), and so do the standby workers."""
+    agents', must not look like a lost batch host), and so does the standby."""
     try:
         return agent.run(ROLE)
     finally:

@@ -1,30 +1,37 @@
-"""Warm worker starts (``warm_workers: true``): standby processes that have imported torch.
+"""Warm worker starts (``warm_workers: true``): workers forked from a process that has imported
+torch.
 
 Why: measured in the fault-storm benchmark (docs/benchmarks.md), a restart spent ~1 s on
 noticing the failure and re-forming the group and 12-22 s on starting the new workers --
-Python, ``import torch``, then the script. The agent therefore keeps one standby process per
-local rank (hpc_elastic/worker/standby.py): started while nothing else needs the CPUs, it
-imports torch and waits on a socket. torch's agent still decides everything about a start
-(ranks, environment, log files): only the ``Popen`` of a worker is replaced, inside
-:meth:`StandbyPool.serving`, by handing that start to a standby. A standby that is not there,
-or that died, means an ordinary cold start for that rank; nothing else changes.
+Python, ``import torch``, then the script. The agent therefore keeps one standby process
+(hpc_elastic/worker/standby.py): started while nothing else needs the CPUs, it imports torch
+(and what DDP imports on first use) and waits on a socket. torch's agent still decides
+everything about a start (ranks, environment, log files): only the ``Popen`` of a worker is
+replaced, inside :meth:`StandbyPool.serving`, by asking the standby to fork that worker. A
+standby that is not there, or that died, means an ordinary cold start; nothing else changes.
 
-The standby is the agent's child (``start_new_session`` like torch's own workers), so its
-exit code, PID, process group and error file are those of any worker.
+A forked worker is the standby's child, not the agent's: the standby reaps it and reports its
+exit code, and :class:`ForkedWorker` gives torch the ``Popen`` calls it uses (``pid``,
+``poll``, ``wait``, signals). The worker leads its own session like torch's own workers, so
+the agent's ``killpg`` (torch's stop, fencing's SIGKILL), hang dumps and preemption forwarding
+reach it by PID as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch.distributed.elastic.multiprocessing.api as mp_api
@@ -32,61 +39,174 @@ from torch.distributed.elastic.multiprocessing.subprocess_handler import Subproc
 
 from hpc_elastic.worker.standby import ENV_STANDBY_FD
 
+logger = logging.getLogger(__name__)
+
 #: How the agent starts a worker (runner.py); only these starts can be handed to a standby.
 WORKER_PREFIX = ("-u", "-m", "hpc_elastic.worker")
-#: A refill waits until every worker of the new group made its first step (they no longer
-#: compete for the CPUs), or this long at most (a script that reports no steps).
+#: A standby that died is replaced once the current group made its first steps (they no longer
+#: compete for the CPUs), or this long after the group's start at most.
 FILL_AFTER_S = 30.0
+#: How long a start waits for the standby's fork. A standby still importing torch (just
+#: started, on a loaded node) answers when it is done; a cold start would import as long.
+FORK_TIMEOUT_S = 120.0
+#: The exit code given to a forked worker whose real one was lost with its standby (the
+#: standby was killed before it could report it): counted as a failure, so the group restarts.
+EXIT_UNKNOWN = 1
 
 
-@dataclass
 class Standby:
-    """One waiting process and the agent's end of its socket."""
+    """The agent's end of one standby process: ordering forks, collecting exit codes."""
 
-    proc: subprocess.Popen[bytes]
-    sock: socket.socket
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._ended: dict[int, int] = {}
+        self._gone = False  # the socket reached its end: the standby exited
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._gone and self.proc.poll() is None
 
-    def hand_over(self, argv: list[str], env: dict[str, str], stdout: Any, stderr: Any
-                  ) -> subprocess.Popen[bytes] | None:
-        """Send the start order; the process is then the worker. None if it could not be
-        sent (the standby died): the caller starts the worker cold."""
+    def fork(self, argv: list[str], env: dict[str, str], stdout: Any, stderr: Any,
+             timeout: float = FORK_TIMEOUT_S) -> ForkedWorker | None:
+        """Have the standby fork this worker. None if it could not (dead, refused, or no answer
+        within ``timeout``): the caller starts the worker cold."""
         order = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
-        try:
-            socket.send_fds(self.sock, [order], [stdout.fileno(), stderr.fileno()])
-        except OSError:
-            self.discard()
+        with self._lock:
+            try:
+                socket.send_fds(self.sock, [order], [stdout.fileno(), stderr.fileno()])
+            except OSError:
+                self._gone = True
+                return None
+            deadline = time.monotonic() + timeout
+            while True:
+                message = self._receive(max(0.0, deadline - time.monotonic()))
+                if message is None:
+                    if not self._gone:  # no answer in time: it may fork later, so end it
+                        logger.warning("the standby did not fork a worker within %.0f s; "
+                                       "starting it cold", timeout)
+                        self.discard()
+                    return None
+                if "pid" in message:
+                    return ForkedWorker(self, int(message["pid"]), argv)
+                if "error" in message:
+                    logger.warning("the standby could not fork a worker: %s", message["error"])
+                    return None
+
+    def returncode(self, pid: int) -> int | None:
+        """How worker ``pid`` ended, or None while it runs."""
+        with self._lock:
+            self._drain()
+            if pid in self._ended:
+                return self._ended[pid]
+            if self._gone and not _running(pid):
+                logger.warning("the exit code of worker %d was lost with its standby process; "
+                               "counting it as %d", pid, EXIT_UNKNOWN)
+                self._ended[pid] = EXIT_UNKNOWN
+            return self._ended.get(pid)
+
+    def _read_one(self, timeout: float) -> dict[str, Any] | None:
+        """The next message, waiting up to ``timeout``; None if none came or the standby is
+        gone (its end of the socket closed). Caller holds the lock."""
+        if self._gone:
             return None
-        finally:
-            self.sock.close()
-        return self.proc
+        ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        if not ready:
+            return None
+        try:
+            data = self.sock.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            self._gone = True
+            return None
+        message = json.loads(data)
+        if "exit" in message:
+            self._ended[int(message["exit"])] = int(message["code"])
+        return message
+
+    def _receive(self, timeout: float) -> dict[str, Any] | None:
+        """The standby's answer to an order (exit reports on the way are kept)."""
+        end = time.monotonic() + timeout
+        while (message := self._read_one(end - time.monotonic())) is not None:
+            if "exit" not in message:
+                return message
+        return None
+
+    def _drain(self) -> None:
+        """Take in every exit report already sent."""
+        while self._read_one(0.0) is not None:
+            pass
 
     def discard(self) -> None:
-        """End a standby that will not be used (its socket's end already tells it to exit)."""
-        self.sock.close()
+        """End the standby (its socket's end also tells it to exit); its workers run on."""
+        self._gone = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         if self.proc.poll() is None:
             with contextlib.suppress(OSError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.kill(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
 
 
-class StandbyPool:
-    """``size`` standby processes (one per local rank) for the agent's next worker start."""
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
-    def __init__(self, size: int, record: Callable[..., None] | None = None) -> None:
-        self.size = size
+
+class ForkedWorker:
+    """What torch's agent uses of a worker's ``Popen``, for a worker forked by a standby."""
+
+    def __init__(self, standby: Standby, pid: int, args: list[str]) -> None:
+        self._standby = standby
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._standby.returncode(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() >= end:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class StandbyPool:
+    """The agent's standby process (one per agent), for its next worker starts."""
+
+    def __init__(self, record: Callable[..., None] | None = None) -> None:
         self._record = record
-        self._ready: list[Standby] = []
-        #: local ranks of the last start that got a standby / were started cold
+        self.standby: Standby | None = None
+        #: local ranks of the last start that got a forked worker / were started cold
         self.last_warm: list[int] = []
         self.last_cold: list[int] = []
         self._group_started = time.monotonic()
         self._not_before = 0.0
 
-    def _start_one(self) -> Standby:
+    def _start(self) -> Standby:
         agent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
@@ -102,48 +222,44 @@ class StandbyPool:
         return Standby(proc, agent_end)
 
     def fill(self) -> list[int]:
-        """Start standbys until ``size`` are waiting; returns the PIDs of the new ones."""
-        for dead in [s for s in self._ready if not s.alive()]:
+        """Start the standby if there is none (or it died); returns its PID if started."""
+        if self.standby is not None and self.standby.alive():
+            return []
+        if self.standby is not None:
             # Killed from outside (the OOM killer, a user): replaced, but not in a tight loop.
-            dead.discard()
-            self._ready.remove(dead)
+            self.standby.discard()
             self._not_before = time.monotonic() + FILL_AFTER_S
-        new = []
-        while len(self._ready) < self.size:
-            try:
-                standby = self._start_one()
-            except OSError as err:  # no memory, no processes left: cold starts it is
-                if self._record is not None:
-                    self._record("standby.failed", error=str(err))
-                self._not_before = time.monotonic() + FILL_AFTER_S
-                break
-            self._ready.append(standby)
-            new.append(standby.proc.pid)
-        if new and self._record is not None:
-            self._record("standby.started", pids=new)
-        return new
+        try:
+            self.standby = self._start()
+        except OSError as err:  # no memory, no processes left: cold starts it is
+            self.standby = None
+            if self._record is not None:
+                self._record("standby.failed", error=str(err))
+            self._not_before = time.monotonic() + FILL_AFTER_S
+            return []
+        if self._record is not None:
+            self._record("standby.started", pids=[self.standby.proc.pid])
+        return [self.standby.proc.pid]
 
     def due(self, first_steps_done: Callable[[], bool]) -> bool:
-        """Whether to refill now: some standby is missing and the current group is past its
-        own start (see ``FILL_AFTER_S``)."""
-        if len(self._ready) >= self.size and all(s.alive() for s in self._ready):
+        """Whether to start a standby now: none is alive and the current group is past its own
+        start (see ``FILL_AFTER_S``)."""
+        if self.standby is not None and self.standby.alive():
             return False
         if time.monotonic() < self._not_before:
             return False
         return (time.monotonic() - self._group_started >= FILL_AFTER_S
                 or first_steps_done())
 
-    def take(self) -> Standby | None:
-        while self._ready:
-            standby = self._ready.pop(0)
-            if standby.alive():
-                return standby
-            standby.discard()
-        return None
+    def fork(self, argv: list[str], env: dict[str, str], stdout: Any, stderr: Any
+             ) -> ForkedWorker | None:
+        if self.standby is None or not self.standby.alive():
+            return None
+        return self.standby.fork(argv, env, stdout, stderr)
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
-        """Inside: torch's ``start_processes`` hands worker starts to standbys. Scoped to one
+        """Inside: torch's ``start_processes`` has the standby fork its workers. Scoped to one
         start of the worker group, in the agent's main thread."""
         self.last_warm, self.last_cold = [], []
         original = mp_api.get_subprocess_handler
@@ -159,15 +275,15 @@ class StandbyPool:
             self._group_started = time.monotonic()
 
     def close(self) -> None:
-        """End every waiting standby (the agent is ending)."""
-        ready, self._ready = self._ready, []
-        for standby in ready:
+        """End the standby (the agent is ending)."""
+        standby, self.standby = self.standby, None
+        if standby is not None:
             standby.discard()
 
 
 class _WarmHandler(SubprocessHandler):
     """torch's handler for one worker (opens the log files, keeps the ``Popen``), whose
-    ``Popen`` is a standby when one is waiting."""
+    ``Popen`` is a fork of the standby when one is waiting."""
 
     def __init__(self, pool: StandbyPool, **kwargs: Any) -> None:
         self._pool = pool
@@ -177,11 +293,9 @@ class _WarmHandler(SubprocessHandler):
         argv = [str(a) for a in args]
         if (argv[0] == sys.executable and tuple(argv[1:4]) == WORKER_PREFIX
                 and self._stdout is not None and self._stderr is not None):
-            standby = self._pool.take()
-            if standby is not None:
-                proc = standby.hand_over(argv[4:], env, self._stdout, self._stderr)
-                if proc is not None:
-                    self._pool.last_warm.append(self.local_rank_id)
-                    return proc
+            worker = self._pool.fork(argv[4:], env, self._stdout, self._stderr)
+            if worker is not None:
+                self._pool.last_warm.append(self.local_rank_id)
+                return worker  # type: ignore[return-value]
         self._pool.last_cold.append(self.local_rank_id)
         return super()._popen(args, env)

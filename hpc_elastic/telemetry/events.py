@@ -100,9 +100,10 @@ DIRECT_KINDS: dict[str, str] = {
     "state, cpu_percent, step, dump, stamp, before_first_step",
     "hang.dumped": "this node dumped its ranks' stacks for a hang: stamp, detected_by, dump_dir, "
     "ranks, acked_nodes, expected_nodes, dump_s",
-    "standby.started": "warm_workers: standby workers started (they import torch and wait): pids",
-    "standby.failed": "warm_workers: a standby could not be started: error",
-    "workers.warm": "warm_workers: a worker group started; local ranks that got a standby and "
+    "standby.started": "warm_workers: the standby started (it imports torch, then forks the "
+    "workers): pids",
+    "standby.failed": "warm_workers: the standby could not be started: error",
+    "workers.warm": "warm_workers: a worker group started; local ranks forked by the standby and "
     "those started cold: warm, cold, pids",
     "restarts.stopped": "the same failure repeated same_failure_limit times: repeats, cause, "
     "reason",

@@ -3,8 +3,8 @@
 Writes one JSON line per start to ``$WARM_TEST_DIR/starts.jsonl``: what the process saw when
 the script began (the torchrun environment, whether torch was already imported, argv, cwd),
 then trains a tiny DDP model until ``$WARM_TEST_DIR/done`` exists. ``--no-dist``: only the line;
-``--raise``: the line, then rank 0 raises (the others wait to be stopped). Ends with
-``destroy_process_group``.
+``--raise``: the line, then rank 0 raises (the others wait to be stopped); ``--wait``: the
+line, then waits for ``done`` without torch.distributed. Ends with ``destroy_process_group``.
 """
 
 import json
@@ -27,13 +27,18 @@ KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "G
 
 def main() -> None:
     out = os.environ["WARM_TEST_DIR"]
-    line = {"pid": os.getpid(), "t0": T0, "preloaded": PRELOADED, "import_s": IMPORT_S,
+    line = {"pid": os.getpid(), "ppid": os.getppid(), "t0": T0, "preloaded": PRELOADED,
+            "import_s": IMPORT_S,
             "argv": sys.argv, "cwd": os.getcwd(), "main": __name__,
             "env": {k: os.environ.get(k) for k in KEYS}}
     with open(os.path.join(out, "starts.jsonl"), "a") as f:
         f.write(json.dumps(line) + "\n")
     print(f"hello from rank {os.environ['RANK']} pid {os.getpid()}", flush=True)
     if sys.argv[1:] == ["--no-dist"]:
+        return
+    if sys.argv[1:] == ["--wait"]:
+        while not os.path.exists(os.path.join(out, "done")):
+            time.sleep(0.05)
         return
     if sys.argv[1:] == ["--raise"]:
         if os.environ["RANK"] == "0":
