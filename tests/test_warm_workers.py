@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
 
-from hpc_elastic.agent.standby import StandbyPool
+from hpc_elastic.agent.standby import ForkedWorker, Standby, StandbyPool
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.telemetry import read_jsonl
 
@@ -278,3 +279,38 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
                             if e["kind"] == "standby.started" for p in e["pids"]}:
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().split()[2] == "Z", pid
+
+
+def test_a_reused_pid_does_not_inherit_an_earlier_workers_exit_code(tmp_path: Path) -> None:
+    """The kernel may give a later fork the pid of a worker that ended. The standby reports
+    that worker's end before it forks again, and the report goes to that worker alone: the
+    new worker with the same pid still runs. (The standby's side is played by this test.)"""
+    agent_end, standby_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    standby = Standby(proc, agent_end)
+    log = (tmp_path / "log").open("w")
+
+    def fork_answered_with(*messages: dict) -> ForkedWorker:
+        def answer() -> None:
+            socket.recv_fds(standby_end, 1 << 20, 2)
+            for message in messages:
+                standby_end.send(json.dumps(message).encode())
+        t = threading.Thread(target=answer)
+        t.start()
+        worker = standby.fork(["x.py"], {}, log, log, timeout=10)
+        t.join()
+        assert worker is not None
+        return worker
+
+    try:
+        first = fork_answered_with({"pid": 4242})
+        assert first.poll() is None
+        standby_end.send(json.dumps({"exit": 4242, "code": 3}).encode())
+        second = fork_answered_with({"pid": 4242})
+        assert first.poll() == 3 and second.poll() is None
+        standby_end.send(json.dumps({"exit": 4242, "code": -9}).encode())
+        assert second.wait(timeout=5) == -9 and first.returncode == 3
+    finally:
+        standby.discard()
+        standby_end.close()
+        log.close()

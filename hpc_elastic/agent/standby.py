@@ -61,7 +61,10 @@ class Standby:
         self.proc = proc
         self.sock = sock
         self._lock = threading.Lock()
-        self._ended: dict[int, int] = {}
+        #: forked workers that have not been reported ended, by pid. An exit report goes to
+        #: the worker object itself: a pid the kernel reuses for a later fork is reported
+        #: ended before that fork's answer, so reports and workers never mix up.
+        self._running: dict[int, ForkedWorker] = {}
         self._gone = False  # the socket reached its end: the standby exited
 
     def alive(self) -> bool:
@@ -88,22 +91,23 @@ class Standby:
                         self.discard()
                     return None
                 if "pid" in message:
-                    return ForkedWorker(self, int(message["pid"]), argv)
+                    worker = ForkedWorker(self, int(message["pid"]), argv)
+                    self._running[worker.pid] = worker
+                    return worker
                 if "error" in message:
                     logger.warning("the standby could not fork a worker: %s", message["error"])
                     return None
 
-    def returncode(self, pid: int) -> int | None:
-        """How worker ``pid`` ended, or None while it runs."""
+    def update(self, worker: ForkedWorker) -> None:
+        """Take in the exit reports sent so far (``worker.returncode`` is set if it ended)."""
         with self._lock:
             self._drain()
-            if pid in self._ended:
-                return self._ended[pid]
-            if self._gone and not _running(pid):
+            if (worker.returncode is None and self._gone
+                    and self._running.get(worker.pid) is worker and not _running(worker.pid)):
                 logger.warning("the exit code of worker %d was lost with its standby process; "
-                               "counting it as %d", pid, EXIT_UNKNOWN)
-                self._ended[pid] = EXIT_UNKNOWN
-            return self._ended.get(pid)
+                               "counting it as %d", worker.pid, EXIT_UNKNOWN)
+                self._running.pop(worker.pid)
+                worker.returncode = EXIT_UNKNOWN
 
     def _read_one(self, timeout: float) -> dict[str, Any] | None:
         """The next message, waiting up to ``timeout``; None if none came or the standby is
@@ -122,7 +126,9 @@ class Standby:
             return None
         message = json.loads(data)
         if "exit" in message:
-            self._ended[int(message["exit"])] = int(message["code"])
+            worker = self._running.pop(int(message["exit"]), None)
+            if worker is not None:
+                worker.returncode = int(message["code"])
         return message
 
     def _receive(self, timeout: float) -> dict[str, Any] | None:
@@ -170,7 +176,7 @@ class ForkedWorker:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._standby.returncode(self.pid)
+            self._standby.update(self)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
