@@ -326,6 +326,29 @@ def test_other_errors_are_not_retried(tmp_path: Path) -> None:
     assert len(calls) == 1
 
 
+
+def test_a_round_store_made_by_another_node_is_waited_for(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member makes the round's store directory at once: mkdir says "exists", and a
+    caching client's stat says "no such file" for a moment (an agent of the goodput benchmark
+    ended there on GlusterFS 'cached'). The store waits that out."""
+    from hpc_elastic.rendezvous.store import SharedDirStore
+
+    directory = tmp_path / "r0-abc"
+    directory.mkdir(mode=0o700)  # another node made it
+    real_lstat, misses = os.lstat, []
+
+    def lagging_lstat(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if Path(path) == directory and len(misses) < 3:
+            misses.append(path)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", lagging_lstat)
+    store = SharedDirStore(directory, sync=False)
+    store.set("k", "v")
+    assert len(misses) == 3 and store.get("k") == b"v"
+
 SILENT_MAIN = (
     "import sys, time\n"
     "from hpc_elastic.rendezvous import create_handler\n"

@@ -108,7 +108,7 @@ class RunLayout:
             )
         check_root(root)
         for path in (self.run_dir, self.heartbeats, self.stores, self.versions, self.requests):
-            settled(lambda path=path: _make_dir_here(path), path)
+            settled(lambda path=path: make_dir_here(path), path)
             check_own_dir(path)
 
         def probe() -> None:
@@ -148,7 +148,8 @@ def settled(action: Callable[[], None], path: Path, settle_s: float | None = Non
         delay = min(delay * 2, 0.25)
 
 
-def _make_dir_here(path: Path) -> None:
+def make_dir_here(path: Path) -> None:
+    """mkdir (mode 0700) that also sees the directory through this client afterwards."""
     path.mkdir(mode=DIR_MODE, exist_ok=True)
     os.lstat(path)  # what check_own_dir reads next: it must be visible here too
 

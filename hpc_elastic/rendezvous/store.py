@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .layout import check_own_dir
+from .layout import check_own_dir, make_dir_here, settled
 from .state import TRANSIENT_READ, read_owned, write_new
 
 _VERSION_DIGITS = 8
@@ -67,8 +67,10 @@ class SharedDirStore(dist.Store):
         super().__init__()
         self.directory = Path(directory)
         self.sync = sync
-        with contextlib.suppress(FileExistsError):
-            self.directory.mkdir(mode=0o700)
+        # Every member makes the round's store at once, each through its own client: a caching
+        # one may answer "exists" to mkdir and then "no such file" to the stat for a moment
+        # (seen on GlusterFS 'cached' in the goodput benchmark: an agent ended there).
+        settled(lambda: make_dir_here(self.directory), self.directory)
         check_own_dir(self.directory)
         self.set_timeout(timeout)
         #: newest version seen per file name: lookups start there, never go back
