@@ -103,7 +103,7 @@ class Standby:
         with self._lock:
             self._drain()
             if (worker.returncode is None and self._gone
-                    and self._running.get(worker.pid) is worker and not _running(worker.pid)):
+                    and self._running.get(worker.pid) is worker and not _process_alive(worker.pid)):
                 logger.warning("the exit code of worker %d was lost with its standby process; "
                                "counting it as %d", worker.pid, EXIT_UNKNOWN)
                 self._running.pop(worker.pid)
@@ -156,7 +156,7 @@ class Standby:
             self.proc.wait(timeout=5)
 
 
-def _running(pid: int) -> bool:
+def _process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
