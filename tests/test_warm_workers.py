@@ -11,6 +11,7 @@ forked by standbys with the right ranks and environment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -239,8 +240,15 @@ def test_a_local_job_restarts_from_standbys_with_the_right_ranks(tmp_path: Path)
         assert launcher.returncode == 0, output[-4000:]
     finally:
         if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
+            # SIGTERM: the local launcher stops its agents and they their workers. A worker
+            # hung past that still holds the output pipe: never wait for it forever.
+            launcher.terminate()
+            try:
+                launcher.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    launcher.communicate(timeout=10)
 
     lines = starts(out)
     # the 3-node group, then the survivors' 2-node group; under load the survivors sometimes
