@@ -245,6 +245,13 @@ FROZEN = (
 )
 
 
+def _stop_both(peer: object, proc: subprocess.Popen) -> None:
+    """End a test's in-process peer (its heartbeat thread) and its agent subprocess."""
+    peer._hb_stop.set()  # type: ignore[attr-defined]
+    if proc.poll() is None:
+        proc.kill()
+
+
 def _freeze_for(proc: subprocess.Popen, seconds: float) -> str:
     assert proc.stdout.readline().strip() == "ready"
     os.kill(proc.pid, signal.SIGSTOP)
@@ -266,9 +273,7 @@ def test_a_frozen_node_that_was_declared_dead_fences_itself_when_it_runs_again(t
         peer.next_rendezvous()
         out = _freeze_for(proc, 2.0)
     finally:
-        peer._hb_stop.set()
-        if proc.poll() is None:
-            proc.kill()
+        _stop_both(peer, proc)
     assert out.startswith("stopped\nfenced"), out
     assert "did not run for" in out and "declared it dead" in out, out
 
@@ -378,8 +383,6 @@ def test_the_agents_own_thread_fences_a_node_the_others_declared_dead(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         out, _ = proc.communicate(timeout=30)
     finally:
-        peer._hb_stop.set()
-        if proc.poll() is None:
-            proc.kill()
+        _stop_both(peer, proc)
     assert out.startswith("fenced"), out
     assert "did not run for" in out and "declared it dead" in out, out

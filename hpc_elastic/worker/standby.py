@@ -80,7 +80,10 @@ def receive_order(sock: socket.socket) -> Order | None:
         return None
     if not data:
         return None
-    order = json.loads(data)
+    try:
+        order = json.loads(data)
+    except ValueError:
+        order = None
     if not isinstance(order, dict) or len(fds) != 2:
         for fd in fds:
             os.close(fd)
@@ -166,14 +169,15 @@ def serve(sock: socket.socket) -> Order | None:
         if received is None:
             return None
         order, fds = received
+        pid = -1
         refused = _cannot_fork()
-        try:
-            if refused:
-                raise OSError(refused)
-            pid = os.fork()
-        except OSError as err:
-            _send(sock, {"error": f"fork refused: {err}"})
-            pid = -1
+        if refused:
+            _send(sock, {"error": f"fork refused: {refused}"})
+        else:
+            try:
+                pid = os.fork()
+            except OSError as err:
+                _send(sock, {"error": f"fork failed: {err}"})
         if pid == 0:
             os.setsid()  # its own process group, as torch starts workers: killpg reaches it
             signal.set_wakeup_fd(-1)
