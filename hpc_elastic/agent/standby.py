@@ -5,7 +5,7 @@ Why: measured in the fault-storm benchmark (docs/benchmarks.md), a restart spent
 noticing the failure and re-forming the group and 12-22 s on starting the new workers --
 Python, ``import torch``, then the script. The agent therefore keeps one standby process
 (hpc_elastic/worker/standby.py): started while nothing else needs the CPUs, it imports torch
-and waits on a socket. torch's agent still decides
+(and what DDP imports on first use) and waits on a socket. torch's agent still decides
 everything about a start (ranks, environment, log files): only the ``Popen`` of a worker is
 replaced, inside :meth:`StandbyPool.serving`, by asking the standby to fork that worker. A
 standby that is not there, or that died, means an ordinary cold start; nothing else changes.

@@ -15,13 +15,14 @@ import sys
 import time
 import traceback
 
-from hpc_elastic.worker import beat
+from hpc_elastic.worker import beat, keep_groups
 
 
 def main(argv: list[str]) -> None:
     if not argv or argv == ["-m"]:
         sys.exit("usage: python -m hpc_elastic.worker SCRIPT [ARGS...] | -m MODULE [ARGS...]")
     beat.install()
+    keep_groups.install()  # forked warm workers only: see keep_groups.py
     try:
         _run(argv)
     except BaseException as exc:
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> None:
         raise
     finally:
         beat.finished()
+        keep_groups.release()
 
 
 def _record_error(exc: BaseException) -> None:

@@ -2,9 +2,10 @@
 agent's workers (``warm_workers``).
 
 Why: after a failure, most of a restart's time is not detecting it or re-forming the group but
-starting the new workers -- a new Python and ``import torch`` (2.6 s of CPU here). With
-``warm_workers`` the agent starts one of these per node ahead of time
-(hpc_elastic/agent/standby.py): it imports torch once and waits. When the agent starts a
+starting the new workers -- a new Python, ``import torch`` (2.6 s of CPU here), and in the
+script's first ``DistributedDataParallel(...)`` torch's lazy import of ``torch._dynamo`` (1.8 s
+more). With ``warm_workers`` the agent starts one of these per node ahead of time
+(hpc_elastic/agent/standby.py): it imports all that once and waits. When the agent starts a
 worker, it sends the worker's whole start -- the command line, the complete environment (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_* ... exactly what a new process would have got), the
 working directory and the already opened ``stdout.log``/``stderr.log`` (as file descriptors,
@@ -57,16 +58,18 @@ Order = tuple[dict[str, object], list[int]]
 
 
 def preload() -> None:
-    """Import what every worker imports. A failure here is not reported: the script's own
-    ``import torch`` fails the same way and says why in its own ``stderr.log``.
+    """Import what every worker imports, including ``torch._dynamo``, which the script's first
+    ``DistributedDataParallel(...)`` (and FSDP, ``torch.compile``) imports on first use: 1.8 s
+    of CPU per worker measured here, as much as each restart's detection and rendezvous
+    together. A failure here is not reported: the script's own ``import torch`` fails the same
+    way and says why in its own ``stderr.log``.
 
-    Not ``torch._dynamo``, although ``DistributedDataParallel(...)`` imports it on first use
-    (1.8 s of CPU per worker measured here): forked after importing it, DDP workers that call
-    ``destroy_process_group`` deadlocked at exit in 3 of 10 runs (the main thread destroying
-    the gloo process group under the GIL joins a gloo thread that waits for the GIL), against
-    0 of 10 forked after this preload and 0 of 10 fresh processes (torch 2.13)."""
+    Forked after that import, DDP workers on gloo deadlocked at exit in 7 of 30 runs (a race
+    in torch's teardown, see hpc_elastic/worker/keep_groups.py, which every forked worker
+    installs: 0 of 60 with it)."""
     try:
         import torch  # noqa: F401
+        import torch._dynamo  # noqa: F401
         import torch.distributed  # noqa: F401
     except Exception:  # noqa: BLE001, S110
         pass
