@@ -14,10 +14,11 @@ seconds, in this order -- a worker crash (SIGKILL of one worker), a node power c
 process of the node SIGKILLed), a preemption (``scancel --signal=USR1``; after 20 s the
 "scheduler" requeues the job itself if it has not been requeued), a node freeze (SIGSTOP of the
 whole node, thawed 20 s later), a worker crash, a preemption. Node faults never hit the batch host
-(the first node: torch's store; hpc_elastic's supervisor). A power-cut node is healed (new
-slurmd) 20 s later, as a repaired node would come back. Every requeued job that pends is
-released at once (``StartTime=now+2``) for both launchers: Slurm's ~2 min ``BeginTime`` hold
-after a requeue is a property of the queue, not of the launcher.
+(the first node: torch's store; hpc_elastic's supervisor), unless ``--node-faults-on-batch-host``
+(then the power cut and the freeze hit it, whichever node it is at the time). A power-cut
+node is healed (new slurmd) 20 s later, as a repaired node would come back. Every requeued job
+that pends is released at once (``StartTime=now+2``) for both launchers: Slurm's ~2 min
+``BeginTime`` hold after a requeue is a property of the queue, not of the launcher.
 
 Goodput = kept progress / wall time. Wall time runs from the submission to the job's end (or
 to ``--cap`` x the duration, when a launcher never finishes). Kept progress = the global steps
@@ -273,11 +274,14 @@ def job_nodes(cluster: SlurmCluster, job_id: int) -> tuple[list[str], str]:
 
 
 def inject(cluster: SlurmCluster, launcher: Launcher, kind: str,
-           later: list[tuple[float, Callable[[], None]]]) -> Fault:
-    """Inject one fault now; follow-ups (thaw, heal, the scheduler's requeue) go to ``later``."""
+           later: list[tuple[float, Callable[[], None]]], on_batch_host: bool = False) -> Fault:
+    """Inject one fault now; follow-ups (thaw, heal, the scheduler's requeue) go to ``later``.
+    ``on_batch_host``: node faults hit the job's first node instead of another one."""
     now = time.time()
     nodes, host = job_nodes(cluster, launcher.job_id)
     others = [n for n in nodes if n != host]
+    if on_batch_host and kind in ("power_cut", "freeze") and host:
+        others = [host]
     if kind == "crash":
         for node in others + [host]:
             pids = workers_on(cluster, node)
@@ -311,7 +315,7 @@ def inject(cluster: SlurmCluster, launcher: Launcher, kind: str,
 
 
 def run_one(cluster: SlurmCluster, launcher: Launcher, duration: float, interval: float,
-            cap: float, faults: tuple[str, ...]) -> dict[str, Any]:
+            cap: float, faults: tuple[str, ...], on_batch_host: bool = False) -> dict[str, Any]:
     submitted = time.time()
     launcher.submit()
     lines = Lines(launcher.output_files)
@@ -347,7 +351,7 @@ def run_one(cluster: SlurmCluster, launcher: Launcher, duration: float, interval
                 and time.time() >= training_from + interval * (len(injected) + 1)
                 and training_from + interval * (len(injected) + 1) < training_from + duration
                 and state == "RUNNING"):
-            fault = inject(cluster, launcher, faults[len(injected)], later)
+            fault = inject(cluster, launcher, faults[len(injected)], later, on_batch_host)
             injected.append(fault)
             print(f"  {launcher.name}: {fault.kind} {fault.target} {fault.note} at "
                   f"+{fault.at - submitted:.0f} s", flush=True)
@@ -431,6 +435,9 @@ def main() -> int:
     parser.add_argument("--cold-workers", action="store_true",
                         help="hpc_elastic without warm_workers (every worker start imports "
                              "torch anew)")
+    parser.add_argument("--node-faults-on-batch-host", action="store_true",
+                        help="the power cut and the freeze hit the job's first node (torch's "
+                             "c10d store, hpc_elastic's batch supervisor) instead of another")
     args = parser.parse_args()
     HpcElastic.warm = not args.cold_workers
     steps_per_epoch, nodes, nproc = 20, (2, 3), 2
@@ -465,7 +472,8 @@ def main() -> int:
         cap = args.cap * args.duration + 60
 
         def one(launcher: Launcher) -> dict[str, Any]:
-            raw = run_one(cluster, launcher, args.duration, args.interval, cap, faults)
+            raw = run_one(cluster, launcher, args.duration, args.interval, cap, faults,
+                          args.node_faults_on_batch_host)
             if any(f.kind in ("power_cut", "freeze") for f in raw["faults"]):
                 cluster.heal()
             return raw
