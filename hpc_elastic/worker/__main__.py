@@ -1,6 +1,7 @@
 """``python -m hpc_elastic.worker SCRIPT ARGS...`` / ``... -m MODULE ARGS...``.
 
-Installs the progress reporter, then runs the script as ``python SCRIPT ARGS`` would (``runpy``,
+Installs the progress reporter (and, in a worker forked by the warm-start standby, the process
+group keeper of keep_groups.py), then runs the script as ``python SCRIPT ARGS`` would (``runpy``,
 ``__name__ == "__main__"``, ``sys.argv`` and ``sys.path[0]`` as Python sets them). The agent
 starts every worker this way.
 """
