@@ -73,8 +73,12 @@ def test_a_process_recorded_right_after_it_was_started_is_recognised_later() -> 
 
 def test_a_zombie_is_not_recorded(bystander: subprocess.Popen[bytes]) -> None:
     proc = subprocess.Popen(["true"])
-    while procs.start_ticks(proc.pid) is not None and procs.cmdline(proc.pid):
-        time.sleep(0.01)  # exited, not reaped: a zombie without a command line
+    # Until it exited, not reaped: a zombie (state Z) without a command line. (An empty command
+    # line alone is no proof: it also reads empty while the child is still in execve.)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
     started = time.monotonic()
     assert procs.record(proc.pid) is None
     assert time.monotonic() - started < 1, "a zombie is not waited for"

@@ -333,8 +333,16 @@ def test_batch_host_loss_requeues_and_resumes_without_it(
         host = (slurm_cluster.scontrol_job(job_id) or {}).get("BatchHost", "")
         cut_at = time.time()
         power_cut(slurm_cluster, host)
-        wait_for("the agents' requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {}).get(
-            "Restarts") == "1", timeout=90)
+        try:
+            wait_for("the agents' requeue", lambda: (slurm_cluster.scontrol_job(job_id) or {})
+                     .get("Restarts") == "1", timeout=90)
+        except pytest.fail.Exception:
+            print(f"batch host {host}; job {slurm_cluster.scontrol_job(job_id)}")
+            for node in jobdir.node_names():  # what each agent saw last (the failure's story)
+                print(node, [(e["kind"], round(e["time"] - cut_at, 1))
+                             for e in node_events(jobdir, node)][-12:])
+            print(slurm_logs(jobdir))
+            raise
         requeued_s = time.time() - cut_at
         wait_for("the requeued job pending", lambda: slurm_cluster.job_state(job_id)
                  == "PENDING", timeout=60 + 3 * slurmd_timeout(slurm_cluster))
