@@ -60,9 +60,9 @@ Order = tuple[dict[str, object], list[int]]
 def preload() -> None:
     """Import what every worker imports, including ``torch._dynamo``, which the script's first
     ``DistributedDataParallel(...)`` (and FSDP, ``torch.compile``) imports on first use: 1.8 s
-    of CPU per worker measured here, as much as each restart's detection and rendezvous
-    together. A failure here is not reported: the script's own ``import torch`` fails the same
-    way and says why in its own ``stderr.log``.
+    of CPU per worker measured here, more than noticing a worker crash and re-forming the
+    group take together (about 1 s). A failure here is not reported: the script's own
+    ``import torch`` fails the same way and says why in its own ``stderr.log``.
 
     Forked after that import, DDP workers on gloo deadlocked at exit in 7 of 30 runs (a race
     in torch's teardown, see hpc_elastic/worker/keep_groups.py, which every forked worker
