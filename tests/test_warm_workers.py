@@ -27,6 +27,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, sta
 
 from hpc_elastic.agent.standby import ForkedWorker, Standby, StandbyPool
 from hpc_elastic.jobdir import JobDir
+from hpc_elastic.rendezvous.handler import free_port
 from hpc_elastic.telemetry import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,12 +39,6 @@ def starts(out: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_group(tmp: Path, tag: str, pool: StandbyPool | None, script_args: tuple[str, ...],
