@@ -46,6 +46,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -438,6 +439,9 @@ def main() -> int:
     parser.add_argument("--node-faults-on-batch-host", action="store_true",
                         help="the power cut and the freeze hit the job's first node (torch's "
                              "c10d store, hpc_elastic's batch supervisor) instead of another")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy each launcher's job directory here before the test cluster "
+                             "(and its shared volume) is removed, for a closer look")
     args = parser.parse_args()
     HpcElastic.warm = not args.cold_workers
     steps_per_epoch, nodes, nproc = 20, (2, 3), 2
@@ -507,6 +511,12 @@ def main() -> int:
                 results.append(goodput(raw, total, steps_per_epoch, window))
                 print(json.dumps(results[-1]), flush=True)
     finally:
+        if args.keep is not None:
+            try:
+                shutil.copytree(root, args.keep / stamp, symlinks=True, dirs_exist_ok=True)
+                print(f"job directories kept in {args.keep / stamp}", flush=True)
+            except (OSError, shutil.Error) as err:
+                print(f"could not keep every file of the job directories: {err}", flush=True)
         if cluster.started_here:
             stop_cluster()
     print("\n| launcher | state | wall s | kept steps | s/step | goodput | requeues |")
