@@ -247,8 +247,10 @@ class TorchrunC10d(Launcher):
 
 def workers_on(cluster: SlurmCluster, node: str) -> list[int]:
     """PIDs of training workers on ``node`` (not agents: no torchrun, no ``hpc_elastic agent``).
-    A warm worker (``warm_workers``) shows as ``hpc_elastic.worker.standby``; it is a worker
-    once its stdout is a worker's log file (a standby that waits writes to /dev/null)."""
+    A warm worker (``warm_workers``) is a fork of the standby, itself a fork of the agent or a
+    ``hpc_elastic.worker.standby`` process, so its command line is one of theirs; it is a
+    worker once its stdout is a worker's log file (a standby writes to /dev/null, an agent to
+    the node's Slurm log)."""
     found = []
     for pid in cluster.node_processes(node):
         try:
@@ -258,7 +260,7 @@ def workers_on(cluster: SlurmCluster, node: str) -> list[int]:
         text = b" ".join(argv).decode(errors="replace")
         if "train.py" in text and "torchrun" not in text and "hpc_elastic agent" not in text:
             found.append(pid)
-        elif "hpc_elastic.worker.standby" in text:
+        elif "hpc_elastic" in text:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/{pid}/fd/1").endswith("stdout.log"):
                     found.append(pid)

@@ -138,7 +138,7 @@ def srun_command(jobdir: JobDir, python: str, node: str, generation: int = 0,
     return ["srun", "--unbuffered", "--nodes=1", "--ntasks=1", f"--nodelist={node}",
             "--kill-on-bad-exit=0", "--output", str(logs / f"{stem}_log.out"),
             "--error", str(logs / f"{stem}_log.err"),
-            python, "-m", "hpc_elastic", "agent", str(jobdir.path)]
+            python, "-u", "-m", "hpc_elastic", "agent", str(jobdir.path)]
 
 
 class _Stop:

@@ -122,9 +122,9 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from hpc_elastic.agent.runner import run_agent
+    from hpc_elastic.agent.start import start_agent
 
-    return run_agent(args.jobdir)
+    return start_agent(args.jobdir)
 
 
 def _find_job(args: argparse.Namespace) -> Job:
@@ -431,6 +431,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hpc_elastic.worker.standby import BecomeStandby, run_forked
+
+    try:
+        return _main(argv)
+    except BecomeStandby as forked:
+        sock = forked.sock  # a process the agent forked to be its standby (agent/standby.py)
+    # Outside the except clause, with the agent's frames gone: from here it is the standby,
+    # or one of its workers, as if started anew.
+    return run_forked(sock)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from hpc_elastic.api import SubmitError

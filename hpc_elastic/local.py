@@ -189,7 +189,7 @@ def _start_agent(jobdir: JobDir, job_id: str, index: int, attempt: int) -> subpr
     })
     # Each agent gets its own session: a signal is delivered to it alone, as on a real node.
     return subprocess.Popen(
-        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        [sys.executable, "-u", "-m", "hpc_elastic", "agent", str(jobdir.path)],
         env=env, start_new_session=True, stdin=subprocess.DEVNULL,
     )
 

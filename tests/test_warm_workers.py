@@ -357,3 +357,66 @@ def test_a_reused_pid_does_not_inherit_an_earlier_workers_exit_code(tmp_path: Pa
         standby.discard()
         standby_end.close()
         log.close()
+
+
+STATE_SCRIPT = REPO / "tests" / "warm_helpers" / "process_state.py"
+
+
+def run_state_job(tmp: Path, tag: str, warm: bool) -> tuple[list[dict], list[dict]]:
+    """A one-node local job of STATE_SCRIPT, 2 workers; returns their states and the node's
+    events. The job's ``env:`` sets OMP_NUM_THREADS=1, the agent's own environment 2 (torch
+    uses no more threads than cores: 2 is the most this tells apart on a 2-core machine)."""
+    out = tmp / f"out-{tag}"
+    out.mkdir()
+    job = tmp / f"{tag}.yaml"
+    job.write_text(
+        f"name: {tag}\nnodes: 1\nnproc_per_node: 2\nentrypoint: {STATE_SCRIPT}\n"
+        f"job_root: {tmp / 'jobs' / tag}\nwarm_workers: {'true' if warm else 'false'}\n"
+        f"env:\n  OMP_NUM_THREADS: 1\n  WARM_TEST_DIR: {out}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "hpc_elastic", "submit", str(job), "--local"],
+        env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
+        timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    jobdir = JobDir(next(p for p in (tmp / "jobs" / tag).iterdir() if p.is_dir()))
+    (node,) = jobdir.node_names()
+    states = [json.loads(p.read_text()) for p in sorted(out.glob("state-*.json"))]
+    return states, list(read_jsonl(jobdir.events(node)))
+
+
+@pytest.mark.slow
+def test_workers_forked_from_the_agents_standby_look_like_new_processes(tmp_path: Path) -> None:
+    """The agent forks its standby from itself right after its own ``import torch``
+    (agent/start.py, agent/standby.py fork_from_agent): the workers of that standby must see
+    what workers started as new processes see -- the OpenMP threads of the job's ``env:``
+    (read when torch is imported), the umask, unbuffered output, signal dispositions (SIGUSR1,
+    the preemption signal, ignored until the script sets a handler), no descriptor of the
+    agent, their own session, no logging handler, ``sys.path[0]``."""
+    warm, warm_events = run_state_job(tmp_path, "warm", warm=True)
+    cold, _ = run_state_job(tmp_path, "cold", warm=False)
+    assert len(warm) == 2 and len(cold) == 2
+    # the warm ones were forked by a standby that the agent forked from itself
+    agent_pid = next(e["pid"] for e in warm_events if e["kind"] == "agent.start")
+    (started,) = [e for e in warm_events if e["kind"] == "standby.started"]
+    assert started["forked_from_agent"] is True, started
+    (standby_pid,) = started["pids"]
+    assert {s["ppid"] for s in warm} == {standby_pid}
+    assert all(s["preloaded"] for s in warm) and not any(s["preloaded"] for s in cold)
+    warm_event = next(e for e in warm_events if e["kind"] == "workers.warm")
+    assert warm_event["cold"] == [] and sorted(warm_event["pids"]) == sorted(
+        s["pid"] for s in warm)
+    assert agent_pid != standby_pid
+    assert {s["threads"] for s in warm + cold} == {1}, "the job's OMP_NUM_THREADS was not used"
+
+    def comparable(state: dict) -> dict:
+        return {k: v for k, v in state.items()
+                if k not in ("pid", "ppid", "preloaded", "fd_targets")}
+
+    for w, c in zip(warm, cold, strict=True):
+        assert comparable(w) == comparable(c), (w, c)
+    assert warm[0]["signals"]["SIGUSR1"] == "SIG_IGN"
+    # nothing open but /dev/null and the worker's own files (logs, progress, stacks)
+    for state in warm:
+        for fd in state["fd_targets"]:
+            target = fd.split("->", 1)[1]
+            assert target == "/dev/null" or "/workers/attempt-0/" in target, state["fd_targets"]

@@ -32,17 +32,16 @@ from hpc_elastic.agent.ending import Ending
 from hpc_elastic.agent.error_files import quiet_torch_parser, set_aside_unreadable
 from hpc_elastic.agent.hang import HangWatch
 from hpc_elastic.agent.preemption import EXIT_REQUEUED, Preemption
-from hpc_elastic.agent.standby import StandbyPool
+from hpc_elastic.agent.standby import StandbyPool, fork_from_agent
+from hpc_elastic.agent.start import Prepared
 from hpc_elastic.agent.storm import StormGuard, failure_signature, hang_signature
 from hpc_elastic.agent.straggler import StragglerWatch
 from hpc_elastic.agent.worker_logs import JobDirLogsSpecs
 from hpc_elastic.batch_heartbeat import SupervisorWatch, batch_host
-from hpc_elastic.config import JobConfig, load_config
 from hpc_elastic.excluded import exclude_node, read_excluded, requeue_without_excluded
 from hpc_elastic.identity import NodeIdentity
-from hpc_elastic.jobdir import JobDir, umask_for
+from hpc_elastic.jobdir import JobDir
 from hpc_elastic.rendezvous import create_handler
-from hpc_elastic.submit import batch_jobdir, read_job_config
 from hpc_elastic.telemetry import install as install_telemetry
 from hpc_elastic.worker.record import PROGRESS_FILE
 from hpc_elastic.worker.record import read as read_progress
@@ -240,55 +239,27 @@ def failure_message(message: object) -> str:
     return str(message)
 
 
-def worker_environment(config: JobConfig, jobdir: JobDir) -> dict[str, str]:
-    """Variables the workers see on top of torch's own (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-
-    The job id, attempt and node come from the telemetry's ``worker_env()``, which the agent
-    adds as well."""
-    return {
-        **config.env,
-        "HPC_ELASTIC_JOBDIR": str(jobdir.path),
-        "HPC_ELASTIC_CHECKPOINT_DIR": str(jobdir.checkpoints),
-        "HPC_ELASTIC_PREEMPT_SIGNAL": config.preemption.signal,
-    }
-
-
-def run_agent(target: str | Path) -> int:
-    """Run this node's agent to the end; return the process exit code.
-
-    ``target`` is a job directory made by ``submit``, or a job YAML file when a plain batch
-    script starts the agents itself (see ``sbatch/``). Whatever ends the agent, its last event
-    says why (hpc_elastic/agent/ending.py).
-    """
-    ending = Ending()
-    stop_signals.install()
+def run_agent(prepared: Prepared, ending: Ending) -> int:
+    """Run this node's agent to the end, from where hpc_elastic/agent/start.py left off (the
+    job read, torch imported); return the process exit code."""
     try:
-        return _run_agent(target, ending)
+        return _run_agent(prepared, ending)
     except SignalException as err:  # stopped while setting up, before torch's agent ran
         return ending.stopped(err)
     except Exception as err:  # noqa: BLE001 - every end gets its final event, then the code
         return ending.crashed(err)
 
 
-def _run_agent(target: str | Path, ending: Ending) -> int:
-    ident = NodeIdentity.from_env()
-    if Path(target).is_file():
-        config = load_config(target)
-        jobdir = batch_jobdir(config, ident.job_id)
-        ending.begin(jobdir, ident.node, ident.job_id, ident.attempt)
-    else:
-        jobdir = JobDir(Path(target).resolve())
-        ending.begin(jobdir, ident.node, ident.job_id, ident.attempt)
-        config = read_job_config(jobdir)
-    # Files torch and the workers create (logs, error.json) get the job directory's modes.
-    os.umask(umask_for(config.share_with_group))
-    # Workers inherit the agent's environment: torch's agent copies os.environ for them.
-    os.environ.update(worker_environment(config, jobdir))
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    # Every node runs nproc_per_node workers, so ranks can be computed locally: torch then does
-    # not wait in the store for rank 0 to hand them out, which stalls if rank 0 dies right
-    # after a rendezvous.
-    os.environ.setdefault("TORCH_ELASTIC_WORKER_IDENTICAL", "1")
+def _run_agent(prepared: Prepared, ending: Ending) -> int:
+    ident, config, jobdir = prepared.ident, prepared.config, prepared.jobdir
+    # A member job (grow, array task) does not own the run: its end shrinks the run, and only
+    # the lead requeues it (hpc_elastic/members.py).
+    handles_preemption = config.preemption.requeue and not ident.is_member
+    preemption_signum = signal.Signals[f"SIG{config.preemption.signal}"]
+    # First, before any thread or file: the standby, forked from here (agent/standby.py).
+    standby, not_forked = (fork_from_agent(
+        prepared.inherited_fds, preemption_signum if handles_preemption else None)
+        if config.warm_workers else (None, None))
 
     telemetry = install_telemetry(jobdir, ident.node, job_id=ident.job_id, attempt=ident.attempt)
     # Local mode: torch's log lines go to the node's agent.log, the shared terminal gets one
@@ -343,9 +314,6 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
         round_size=lambda: round_size(agent),
         lost_nodes=lambda: len(lost_in_this_attempt(jobdir, ident)),
     )
-    # A member job (grow, array task) does not own the run: its end shrinks the run, and only
-    # the lead requeues it (hpc_elastic/members.py).
-    handles_preemption = config.preemption.requeue and not ident.is_member
     hangs = (HangWatch(jobdir, ident.node, config.hang_timeout, events.record,
                        startup_timeout=config.hang_startup_timeout)
              if config.hang_timeout else None)
@@ -359,7 +327,7 @@ def _run_agent(target: str | Path, ending: Ending) -> int:
                     if config.stragglers != "off" else None),
         on_failure=(lambda failures, remaining, most: console.say(console.failure_line(
             ident.node, failures, remaining, most))) if local_console else None,
-        standby=(StandbyPool(events.record)
+        standby=(StandbyPool(events.record, forked=standby, not_forked=not_forked)
                  if config.warm_workers else None),
     )
     watch = None

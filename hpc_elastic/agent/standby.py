@@ -10,6 +10,13 @@ everything about a start (ranks, environment, log files): only the ``Popen`` of 
 replaced, inside :meth:`StandbyPool.serving`, by asking the standby to fork that worker. A
 standby that is not there, or that died, means an ordinary cold start; nothing else changes.
 
+The standby is forked from the agent itself when it can be (:func:`fork_from_agent`): right
+after the agent imported torch, before it started any thread or opened any file, so the standby
+only adds what DDP imports on first use. On a node that starts from nothing (a requeue, the
+job's start) that saves one ``import torch`` per node while the agents and their standbys
+compete for the CPUs. Otherwise (the agent already has threads or files, or a standby that died
+is replaced later) it is a new process, ``python -u -m hpc_elastic.worker.standby``.
+
 A forked worker is the standby's child, not the agent's: the standby reaps it and reports its
 exit code, and :class:`ForkedWorker` gives torch the ``Popen`` calls it uses (``pid``,
 ``poll``, ``wait``, signals). The worker leads its own session like torch's own workers, so
@@ -20,6 +27,7 @@ reach it by PID as before.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -37,6 +45,9 @@ from typing import Any
 import torch.distributed.elastic.multiprocessing.api as mp_api
 from torch.distributed.elastic.multiprocessing.subprocess_handler import SubprocessHandler
 
+from hpc_elastic.agent import stop_signals
+from hpc_elastic.agent.start import open_fds
+from hpc_elastic.worker import standby as standby_side
 from hpc_elastic.worker.standby import ENV_STANDBY_FD
 
 logger = logging.getLogger(__name__)
@@ -54,10 +65,109 @@ FORK_TIMEOUT_S = 120.0
 EXIT_UNKNOWN = 1
 
 
+class ForkedProcess:
+    """What :class:`Standby` uses of a ``Popen``, for a standby forked from the agent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone, how is unknown
+                self.returncode = EXIT_UNKNOWN
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if end is not None and time.monotonic() >= end:
+                raise subprocess.TimeoutExpired([str(self.pid)], timeout or 0.0)
+            time.sleep(0.02)
+        return code
+
+
+def _why_not_fork(inherited_fds: frozenset[int]) -> str | None:
+    """Why the agent cannot fork its standby now, if it cannot: a fork copies every thread's
+    locks but only the calling thread, and every open file; a standby started with ``Popen``
+    gets neither. Descriptors the agent inherited are closed in the child (no Python object of
+    the agent uses them), any it opened itself would be shared with every worker."""
+    if threading.active_count() > 1:
+        return "the agent already runs threads"
+    opened = open_fds() - inherited_fds
+    if opened:
+        return f"the agent has files open (descriptors {sorted(opened)})"
+    if not _unbuffered():
+        return "the agent runs without python -u (its workers would buffer their output)"
+    return None
+
+
+def _unbuffered() -> bool:
+    """Whether stdout and stderr are what ``python -u`` makes them: unbuffered files, every
+    write passed through (``sys.flags`` does not say)."""
+    return all(isinstance(getattr(stream, "buffer", None), io.FileIO)
+               and getattr(stream, "write_through", False) for stream in (sys.stdout, sys.stderr))
+
+
+def fork_from_agent(inherited_fds: frozenset[int], ignore_signal: int | None
+                    ) -> tuple[Standby | None, str | None]:
+    """Fork this node's standby from the agent, right after the agent imported torch.
+
+    Returns the standby, or None and why not (the agent then starts one with ``Popen``). In the
+    child this does not return: it raises :class:`~hpc_elastic.worker.standby.BecomeStandby`,
+    which unwinds the agent's frames to ``cli.main`` (none of them acts on it) where the child
+    runs the standby. Before that the child is made what ``Popen`` would have made: its own
+    session, the agent's inherited descriptors closed, stdout on ``/dev/null``, SIGTERM/SIGINT
+    as at the agent's start and ``ignore_signal`` (the preemption signal) ignored."""
+    why = _why_not_fork(inherited_fds)
+    if why is not None:
+        return None, why
+    agent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError as err:
+        agent_end.close()
+        child_end.close()
+        return None, f"fork failed: {err}"
+    if pid == 0:
+        try:
+            agent_end.close()
+            _become_fresh(inherited_fds - {child_end.fileno()}, ignore_signal)
+        except BaseException:  # noqa: BLE001 - nothing of the agent may run in this child
+            os._exit(EXIT_UNKNOWN)
+        raise standby_side.BecomeStandby(child_end)
+    child_end.close()
+    return Standby(ForkedProcess(pid), agent_end), None
+
+
+def _become_fresh(inherited_fds: frozenset[int], ignore_signal: int | None) -> None:
+    """In the forked child: what a ``Popen(start_new_session=True, stdout=DEVNULL)`` of
+    ``python -u -m hpc_elastic.worker.standby`` would have had."""
+    os.setsid()
+    stop_signals.put_back_before()
+    if ignore_signal is not None:
+        signal.signal(ignore_signal, signal.SIG_IGN)
+    for fd in inherited_fds & open_fds():
+        os.close(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.argv = [standby_side.__file__]
+    sys.path[0] = os.getcwd()
+
+
 class Standby:
     """The agent's end of one standby process: ordering forks, collecting exit codes."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes] | ForkedProcess, sock: socket.socket
+                 ) -> None:
         self.proc = proc
         self.sock = sock
         self._lock = threading.Lock()
@@ -203,9 +313,13 @@ class ForkedWorker:
 class StandbyPool:
     """The agent's standby process (one per agent), for its next worker starts."""
 
-    def __init__(self, record: Callable[..., None] | None = None) -> None:
+    def __init__(self, record: Callable[..., None] | None = None, forked: Standby | None = None,
+                 not_forked: str | None = None) -> None:
         self._record = record
-        self.standby: Standby | None = None
+        #: ``forked``: the standby the agent forked from itself (:func:`fork_from_agent`)
+        self.standby: Standby | None = forked
+        self._announce = forked is not None  # its standby.started event is still to be written
+        self._not_forked = not_forked  # why the agent could not fork it, for that event
         #: local ranks of the last start that got a forked worker / were started cold
         self.last_warm: list[int] = []
         self.last_cold: list[int] = []
@@ -228,9 +342,15 @@ class StandbyPool:
         return Standby(proc, agent_end)
 
     def fill(self) -> list[int]:
-        """Start the standby if there is none (or it died); returns its PID if started."""
+        """Start the standby if there is none (or it died); returns its PID if started. The
+        first call announces a standby the agent forked from itself."""
         if self.standby is not None and self.standby.alive():
+            if self._announce and self._record is not None:
+                self._record("standby.started", pids=[self.standby.proc.pid],
+                             forked_from_agent=True)
+            self._announce = False
             return []
+        self._announce = False
         if self.standby is not None:
             # Killed from outside (the OOM killer, a user): replaced, but not in a tight loop.
             self.standby.discard()
@@ -244,7 +364,10 @@ class StandbyPool:
             self._not_before = time.monotonic() + FILL_AFTER_S
             return []
         if self._record is not None:
-            self._record("standby.started", pids=[self.standby.proc.pid])
+            extra = {"not_forked": self._not_forked} if self._not_forked else {}
+            self._record("standby.started", pids=[self.standby.proc.pid],
+                         forked_from_agent=False, **extra)
+        self._not_forked = None
         return [self.standby.proc.pid]
 
     def due(self, first_steps_done: Callable[[], bool]) -> bool:

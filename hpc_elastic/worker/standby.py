@@ -37,6 +37,11 @@ Protocol, one JSON message per datagram (``SOCK_SEQPACKET``):
 
 The standby exits when the agent's end of the socket closes (the agent ended, or no longer needs
 it); workers still running are the agent's to stop.
+
+Usually the agent forks its standby from itself, right after its own ``import torch``
+(hpc_elastic/agent/standby.py, ``fork_from_agent``): the child then raises
+:class:`BecomeStandby`, and ``hpc_elastic.cli.main`` runs :func:`run_forked` with its socket, so
+only ``torch._dynamo`` is left to import. ``main`` is the standby started as a new process.
 """
 
 from __future__ import annotations
@@ -195,15 +200,32 @@ def serve(sock: socket.socket) -> Order | None:
             _send(sock, {"pid": pid})
 
 
-def main() -> None:
-    sock = socket.socket(fileno=int(os.environ.pop(ENV_STANDBY_FD)))
+class BecomeStandby(BaseException):
+    """Raised in the process the agent forked to be its standby. A ``BaseException`` that
+    nothing of the agent handles: it unwinds the agent's frames up to ``hpc_elastic.cli.main``,
+    which then calls :func:`run_forked` -- outside its ``except`` clause, so that a worker's
+    own exceptions are not chained to this one."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__("the agent's standby")
+        self.sock = sock
+
+
+def run_forked(sock: socket.socket) -> int:
+    """The standby forked from the agent: preload, serve; in a forked worker, run it. Returns
+    the exit code of the standby, or of a worker whose script returned."""
     preload()
     from hpc_elastic.worker.__main__ import main as run_worker
 
     served = serve(sock)
     if served is None:
-        sys.exit(0)
+        return 0
     run_worker(become_worker(*served))
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_forked(socket.socket(fileno=int(os.environ.pop(ENV_STANDBY_FD)))))
 
 
 if __name__ == "__main__":
