@@ -39,7 +39,7 @@ rendezvous:
   last_call_timeout: 1
 YAML
     local t0=$SECONDS
-    timeout 240 "$PY" -u -m hpc_elastic submit "$OUT/$name.yaml" --local > "$OUT/$name.out" 2>&1
+    timeout 150 "$PY" -u -m hpc_elastic submit "$OUT/$name.yaml" --local > "$OUT/$name.out" 2>&1
     echo "$name: exit $? after $((SECONDS - t0)) s"
     tail -4 "$OUT/$name.out"
 }
