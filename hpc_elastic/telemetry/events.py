@@ -100,8 +100,9 @@ DIRECT_KINDS: dict[str, str] = {
     "state, cpu_percent, step, dump, stamp, before_first_step",
     "hang.dumped": "this node dumped its ranks' stacks for a hang: stamp, detected_by, dump_dir, "
     "ranks, acked_nodes, expected_nodes, dump_s",
-    "standby.started": "warm_workers: the standby started (it imports torch, then forks the "
-    "workers): pids",
+    "standby.started": "warm_workers: the standby started (forked from the agent after its "
+    "import torch, or a new process that imports it), then forks the workers: pids, "
+    "forked_from_agent, not_forked",
     "standby.failed": "warm_workers: the standby could not be started: error",
     "workers.warm": "warm_workers: a worker group started; local ranks forked by the standby and "
     "those started cold: warm, cold, pids",

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Warm workers and hang detection on a real GPU (CUDA, NCCL): run by hand on a GPU machine, from
-# the repository root; not part of the suite (CI has no GPU). Three local jobs of
-# tests/gpu_check/ddp_cuda.py, then tests/gpu_check/check.py judges their job directories:
+# Warm workers (warm_workers: true) on a real GPU (CUDA, NCCL): run by hand on a GPU machine; not
+# part of the suite (CI has no GPU). benchmarks/gpu_hang_check.sh covers hang detection itself.
+# Three local jobs of benchmarks/gpu_warm_check/ddp_cuda.py (a plain DDP script), then
+# benchmarks/gpu_warm_check/check.py judges their job directories:
 #   warm-gloo-crash  2 simulated nodes x 1 worker, gloo on CUDA tensors, rank 0 crashes once
 #   warm-nccl-hang   1 node x 1 worker, NCCL, rank 0 hangs in the GPU once (hang_timeout 10 s)
-#   cold-nccl-hang   the same without warm_workers
-# Usage: bash tests/gpu_check/run.sh [OUTDIR]   (PYTHON=... to pick the interpreter)
-# Wheels in .gpu_wheels/ (submitit, py-spy) are installed to a private directory first, for
-# machines that cannot download.
+#   cold-nccl-hang   the same without warm_workers: the reference
+# Usage: bash benchmarks/gpu_warm_check.sh [OUTDIR]   (PYTHON=... to pick the interpreter)
+# Wheels in ./.whl/ (submitit, py-spy) are installed to a private directory first, for machines
+# that cannot download (as benchmarks/gpu_hang_check.sh does).
 set -u
-OUT=${1:-/tmp/gpu-check}
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/gpu-warm-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-if compgen -G ".gpu_wheels/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-index --target /tmp/gpu-extra .gpu_wheels/*.whl
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index --target /tmp/gpu-extra .whl/*.whl
     export PYTHONPATH=/tmp/gpu-extra PATH=/tmp/gpu-extra/bin:$PATH
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -27,7 +29,7 @@ run_job() {  # name nodes warm hang_timeout script-args...
 name: $name
 nodes: $nodes
 nproc_per_node: 1
-entrypoint: $PWD/tests/gpu_check/ddp_cuda.py $*
+entrypoint: $PWD/benchmarks/gpu_warm_check/ddp_cuda.py $*
 max_restarts: 2
 job_root: $OUT/jobs
 warm_workers: $warm
@@ -46,4 +48,4 @@ YAML
 run_job warm-gloo-crash 2 true 300 --backend gloo --crash
 run_job warm-nccl-hang 1 true 10 --backend nccl --hang
 run_job cold-nccl-hang 1 false 10 --backend nccl --hang
-"$PY" tests/gpu_check/check.py "$OUT"
+"$PY" benchmarks/gpu_warm_check/check.py "$OUT"

@@ -1,4 +1,4 @@
-"""A plain torchrun-style DDP script on a GPU (no hpc_elastic import), for tests/gpu_check.
+"""A plain torchrun-style DDP script on a GPU (no hpc_elastic import): benchmarks/gpu_warm_check.sh.
 
 Writes one JSON line per start to ``$GPU_CHECK_DIR/starts.jsonl`` (pid, parent, whether torch
 was imported before the script, the device, the backend, the restart count), trains a small

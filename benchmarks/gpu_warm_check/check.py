@@ -1,4 +1,4 @@
-"""Judge the three jobs of tests/gpu_check/run.sh from their job directories; print what was
+"""Judge the three jobs of benchmarks/gpu_warm_check.sh from their job directories; print what was
 seen and exit 1 if anything the check asks for is missing."""
 
 from __future__ import annotations
