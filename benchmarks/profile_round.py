@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_round.py cached 128
     .venv/bin/python benchmarks/profile_round.py coherent 64
+    .venv/bin/python benchmarks/profile_round.py cached 16 --first
 
 Runs bench_rendezvous's part 3 (N participants as threads in 4 processes, spread over 3
 GlusterFS client nodes, tests/sharedfs) once, with the rendezvous' file operations timed in
@@ -10,6 +11,11 @@ version, full state reads, head polls, heartbeat beats, peer observation, join r
 (submitted by joiners, scanned by lock holders). Prints calls, total and mean time
 of each, summed over all participants (so totals overlap in time: compare "lock held" with the
 round's wall time to see how much of it is serialized joins). Results: docs/benchmarks.md.
+
+``--first``: instead, bench_rendezvous's part 1 (N agent processes call ``next_rendezvous`` at
+once, as in the 2-16 agent comparison with c10d), once, and also a timeline: when each agent's
+timed operations and handler steps began and ended, relative to the last agent's call. The
+critical path of the round is then the chain of operations that ends last.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import bench_rendezvous as bench  # noqa: E402
 from hpc_elastic.rendezvous import heartbeat, locking, requests, state  # noqa: E402
 
 STATS: dict[str, list[float]] = {}  # name -> [calls, seconds]
+TIMELINE: list[tuple[float, float, str]] = []  # (start, end, name), time.time()
 _GUARD = threading.Lock()
 OUT = Path(tempfile.gettempdir()) / f"profile-round-{os.getpid()}"
 
@@ -41,6 +48,8 @@ def _add(name: str, seconds: float) -> None:
         entry = STATS.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += seconds
+        now = time.time()
+        TIMELINE.append((now - seconds, now, name))
 
 
 def _time(cls: type, method: str, name: str) -> None:
@@ -93,21 +102,40 @@ def _instrument() -> None:
                     _add("state lock: held", time.perf_counter() - taken)
 
     locking.ProcessFileLock.try_hold = timed_try_hold  # type: ignore[method-assign]
+    from hpc_elastic.rendezvous.handler import SharedFSRendezvousHandler as Handler
+
+    _time(Handler, "_check_run_key", "handler: check the run key")
+    _time(Handler, "_join", "handler: join")
+    _time(Handler, "_wait", "handler: wait for the round")
+    _time(Handler, "_start_heartbeats", "handler: start heartbeats")
+    agent = bench._agent
+
+    def profiled_agent(*args, **kwargs) -> None:
+        try:
+            agent(*args, **kwargs)
+        finally:
+            (OUT / f"{os.getpid()}.json").write_text(json.dumps(
+                {"stats": STATS, "timeline": TIMELINE}))
+
+    bench._agent = profiled_agent
     scale_process = bench._scale_process
 
     def profiled(*args, **kwargs) -> None:
         try:
             scale_process(*args, **kwargs)
         finally:
-            (OUT / f"{os.getpid()}.json").write_text(json.dumps(STATS))
+            (OUT / f"{os.getpid()}.json").write_text(json.dumps(
+                {"stats": STATS, "timeline": TIMELINE}))
 
     bench._scale_process = profiled
 
 
 def main() -> None:
-    if len(sys.argv) != 3:
+    first = "--first" in sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a != "--first"]
+    if len(args) != 2:
         sys.exit(__doc__.split("\n\n")[1])
-    profile, n = sys.argv[1], int(sys.argv[2])
+    profile, n = args[0], int(args[1])
     from sharedfs import SharedFS
 
     # A SIGTERM (e.g. from `timeout`) must still stop the GlusterFS world in `finally`.
@@ -122,19 +150,29 @@ def main() -> None:
         bench.MNTNS[:] = [str(fs.state / "ns" / f"{x}.mnt") for x in nodes.nodes]
         print(f"# {n} participants on GlusterFS {profile!r}, 3 clients ({bench._load()})")
         with bench._roots([str(nodes.path)]) as dirs:
-            result = bench.scale(n, dirs)  # a participant that fails makes this raise
-        print(f"last arrival -> all done {result['last_arrival_to_all_done_s']:.1f} s; "
-              f"file operations per participant {result['fs_ops_per_participant_mean']:.0f} "
-              f"(max {result['fs_ops_per_participant_max']})")
+            if first:
+                result = bench.first_rendezvous("sharedfs", n, dirs, 0)
+                print(f"last arrival -> all done {result['last_arrival_to_all_done_s']:.3f} s")
+            else:
+                result = bench.scale(n, dirs)  # a participant that fails makes this raise
+                print(f"last arrival -> all done {result['last_arrival_to_all_done_s']:.1f} s; "
+                      f"file operations per participant "
+                      f"{result['fs_ops_per_participant_mean']:.0f} "
+                      f"(max {result['fs_ops_per_participant_max']})")
         total: dict[str, list[float]] = {}
+        timelines = []
         for path in OUT.glob("*.json"):
-            for name, (calls, seconds) in json.loads(path.read_text()).items():
+            data = json.loads(path.read_text())
+            timelines.append(data["timeline"])
+            for name, (calls, seconds) in data["stats"].items():
                 entry = total.setdefault(name, [0, 0.0])
                 entry[0] += calls
                 entry[1] += seconds
         for name, (calls, seconds) in sorted(total.items()):
             print(f"{name:44s} calls {int(calls):7d}  total {seconds:8.2f} s  "
                   f"mean {1000 * seconds / max(calls, 1):8.1f} ms")
+        if first:
+            _print_timelines(timelines)
         print(f"# done ({bench._load()})")
         nodes.close()
     finally:
@@ -142,6 +180,21 @@ def main() -> None:
         for path in OUT.glob("*.json"):
             path.unlink()
         OUT.rmdir()
+
+
+def _print_timelines(timelines: list[list[list]]) -> None:
+    """Each agent's operations, in ms relative to the last agent's ``_check_run_key`` start
+    (its call of ``next_rendezvous``, give or take the event it emits first)."""
+    calls = [min((s for s, _e, name in tl if name == "handler: check the run key"), default=0.0)
+             for tl in timelines]
+    zero = max(calls)
+    order = sorted(range(len(timelines)),
+                   key=lambda i: max((e for _s, e, _n in timelines[i]), default=0.0))
+    for rank, i in enumerate(order):
+        print(f"-- agent {rank} (ends {1000 * (max(e for _s, e, _n in timelines[i]) - zero):.0f}"
+              " ms)")
+        for start, end, name in sorted(timelines[i]):
+            print(f"   {1000 * (start - zero):8.1f} .. {1000 * (end - zero):8.1f} ms  {name}")
 
 
 if __name__ == "__main__":
