@@ -83,3 +83,21 @@ def test_an_inherited_ignored_sigterm_stays_ignored() -> None:
         print("alive")
     """, ignore_sigterm=True)
     assert out == ["True", "alive"]
+
+
+def test_a_signal_before_torch_is_imported_raises_stopped_early() -> None:
+    """The agent installs its handlers before it imports torch (agent/start.py): a stop then
+    raises ``StoppedEarly``, with the same ``sigval`` as torch's exception, and torch is not
+    imported for it (it would be, inside a signal handler, in the middle of an import)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal, sys, time
+        from hpc_elastic.agent import stop_signals
+        stop_signals.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        except stop_signals.StoppedEarly as err:
+            print("early", err.sigval.name, "torch" in sys.modules)
+    """)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["early", "SIGTERM", "False"]

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -420,3 +421,30 @@ def test_workers_forked_from_the_agents_standby_look_like_new_processes(tmp_path
         for fd in state["fd_targets"]:
             target = fd.split("->", 1)[1]
             assert target == "/dev/null" or "/workers/attempt-0/" in target, state["fd_targets"]
+
+
+@pytest.mark.parametrize("setup, reason", [
+    ("", "without python -u"),
+    ("import threading; threading.Thread(target=time.sleep, args=(5,), daemon=True).start()",
+     "already runs threads"),
+    ("kept = open(os.devnull)", "has files open"),
+])
+def test_the_agent_forks_its_standby_only_when_that_is_safe(setup: str, reason: str) -> None:
+    """A fork copies every open file and only the calling thread: the agent forks its standby
+    only before it has either, and only with ``python -u`` (else the workers would buffer their
+    output); otherwise it says why, and the standby is a new process (agent/standby.py)."""
+    unbuffered = ["-u"] if "python -u" not in reason else []
+    code = textwrap.dedent(f"""
+        import os, time
+        from hpc_elastic.agent.start import open_fds
+        inherited = frozenset(open_fds())
+        from hpc_elastic.agent.standby import fork_from_agent
+        {setup}
+        standby, why = fork_from_agent(inherited, None)
+        print(standby is None, why)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, *unbuffered, "-c", code], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("True ") and reason in result.stdout, result.stdout
