@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std, start_processes
 
-from hpc_elastic.agent.standby import ForkedWorker, Standby, StandbyPool
+from hpc_elastic.agent.standby import ForkedWorker, Standby, StandbyPool, _WarmHandler
 from hpc_elastic.jobdir import JobDir
 from hpc_elastic.rendezvous.handler import free_port
 from hpc_elastic.telemetry import read_jsonl
@@ -358,6 +358,37 @@ def test_a_reused_pid_does_not_inherit_an_earlier_workers_exit_code(tmp_path: Pa
         standby.discard()
         standby_end.close()
         log.close()
+
+
+def test_closing_a_forked_worker_that_just_ended_does_not_end_the_agent(tmp_path: Path) -> None:
+    """torch closes every worker whose ``poll()`` says it runs with ``killpg``. A forked
+    worker that has just ended is already reaped by its standby while its exit report is still
+    on the way: its pid is gone, and ``killpg`` failed with ESRCH, which ended a whole agent in
+    the fault-storm benchmark (run M). The handler closes it quietly, log files included.
+    (The standby's side is played by this test; the worker is a process already reaped.)"""
+    agent_end, standby_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    standby = Standby(proc, agent_end)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # ended and reaped: no process, no process group with its pid
+    out, err = (tmp_path / "out").open("w"), (tmp_path / "err").open("w")
+    try:
+        t = threading.Thread(target=lambda: (socket.recv_fds(standby_end, 1 << 20, 2),
+                                             standby_end.send(json.dumps({"pid": gone.pid})
+                                                              .encode())))
+        t.start()
+        worker = standby.fork(["x.py"], {}, out, err, timeout=10)
+        t.join()
+        assert worker is not None and worker.poll() is None  # its exit report is not here yet
+        handler = object.__new__(_WarmHandler)  # torch's handler as its PContext holds it
+        handler.proc, handler._stdout, handler._stderr = worker, out, err
+        handler.close(death_sig=signal.SIGTERM)
+        assert out.closed and err.closed
+    finally:
+        standby.discard()
+        standby_end.close()
+        out.close()
+        err.close()
 
 
 STATE_SCRIPT = REPO / "tests" / "warm_helpers" / "process_state.py"

@@ -428,3 +428,17 @@ class _WarmHandler(SubprocessHandler):
                 return worker  # type: ignore[return-value]
         self._pool.last_cold.append(self.local_rank_id)
         return super()._popen(args, env)
+
+    def close(self, death_sig: signal.Signals | None = None) -> None:
+        """torch's ``close`` (``killpg`` of the worker, then its log files), for a worker that
+        may already be gone. torch signals a worker whose ``poll()`` said it runs; a forked
+        worker that ended just before has been reaped by its standby at once, while its exit
+        report may still be on the way, and ``killpg`` then fails with ESRCH -- which ended a
+        whole agent in the fault-storm benchmark (run M). A worker torch started itself stays
+        a zombie until the agent reaps it, so it never had this gap."""
+        try:
+            super().close(death_sig=death_sig)
+        except ProcessLookupError:
+            for stream in (self._stdout, self._stderr):
+                if stream:
+                    stream.close()
