@@ -212,8 +212,9 @@ class BecomeStandby(BaseException):
 
 
 def run_forked(sock: socket.socket) -> int:
-    """The standby forked from the agent: preload, serve; in a forked worker, run it. Returns
-    the exit code of the standby, or of a worker whose script returned."""
+    """The standby's life, forked from the agent or started anew (:func:`main`): preload,
+    serve; in a forked worker, run it. Returns the exit code of the standby, or of a worker
+    whose script returned."""
     preload()
     from hpc_elastic.worker.__main__ import main as run_worker
 
