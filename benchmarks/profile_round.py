@@ -108,26 +108,22 @@ def _instrument() -> None:
     _time(Handler, "_join", "handler: join")
     _time(Handler, "_wait", "handler: wait for the round")
     _time(Handler, "_start_heartbeats", "handler: start heartbeats")
-    agent = bench._agent
+    bench._agent = _saving_stats(bench._agent)
+    bench._scale_process = _saving_stats(bench._scale_process)
 
-    def profiled_agent(*args, **kwargs) -> None:
-        try:
-            agent(*args, **kwargs)
-        finally:
-            (OUT / f"{os.getpid()}.json").write_text(json.dumps(
-                {"stats": STATS, "timeline": TIMELINE}))
 
-    bench._agent = profiled_agent
-    scale_process = bench._scale_process
+def _saving_stats(process_body: Callable) -> Callable:
+    """``process_body`` (one benchmark process's work), then its stats and timeline saved to
+    ``OUT/<pid>.json`` for the parent, whatever happened."""
 
     def profiled(*args, **kwargs) -> None:
         try:
-            scale_process(*args, **kwargs)
+            process_body(*args, **kwargs)
         finally:
             (OUT / f"{os.getpid()}.json").write_text(json.dumps(
                 {"stats": STATS, "timeline": TIMELINE}))
 
-    bench._scale_process = profiled
+    return profiled
 
 
 def main() -> None:
