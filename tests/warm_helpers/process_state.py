@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 PRELOADED = "torch" in sys.modules
 import torch  # noqa: E402
@@ -58,7 +57,6 @@ def main() -> None:
         json.dump(state, f)
     os.rename(path + ".tmp", path)
     print("state written", flush=True)
-    time.sleep(0.1)
 
 
 if __name__ == "__main__":
