@@ -122,9 +122,12 @@ def cmd_grow(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from hpc_elastic.agent.quick_exit import exit_now
     from hpc_elastic.agent.start import start_agent
 
-    return start_agent(args.jobdir)
+    # The process ends here, without the half second of teardown of an interpreter that has
+    # imported torch: Slurm ends the step, and a requeue starts, only once it is gone.
+    exit_now(start_agent(args.jobdir))
 
 
 def _find_job(args: argparse.Namespace) -> Job:
