@@ -125,3 +125,38 @@ def test_torchrun_agents_on_three_clients_recover_from_a_worker_failure(
     assert 1 in {d["restart"] for d in done}, "the failed worker was restarted"
     final = StateFile(RunLayout(fs.path, "agents"), 5).read()
     assert final is not None and final.closed and final.round == 1, "exactly one re-rendezvous"
+
+
+def _create_race(fs, mode: str, rounds: int, tag: str) -> list[dict]:
+    """Six processes, two per client, open ``rounds`` new lock files, each at the same moment
+    (tests/rendezvous_helpers/create_race.py); their reports."""
+    root = Path(fs.path) / f"race-{mode}"
+    made = fs.run(0, [sys.executable, "-c", "import os, sys\n"
+                      "for k in range(int(sys.argv[2])): os.makedirs(f'{sys.argv[1]}/{k}')",
+                      str(root), str(rounds)])
+    assert made.returncode == 0, made.stderr
+    time.sleep(2)  # every client sees the new directories before the race starts
+    start = time.time() + 3
+    procs = [fs.popen(i % 3, [sys.executable, HERE / "rendezvous_helpers" / "create_race.py",
+                              root, str(rounds), str(start), "0.05", mode],
+                      env=_env(tag), stdout=subprocess.PIPE, text=True) for i in range(6)]
+    try:
+        return [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_nodes_creating_the_lock_file_at_once_all_get_it(sharedfs_clients, profile):
+    """Every node of a first round opens the state lock at once, and the first open creates
+    it. GlusterFS fails a racing ``O_CREAT`` (without ``O_EXCL``) with EEXIST; that ended an
+    agent of a 16-node first rendezvous. The rendezvous lock opens it again instead."""
+    fs = sharedfs_clients(3, profile)
+    reports = _create_race(fs, "lock", 150, f"race-{profile}")
+    assert not [e for r in reports for e in r["errors"]]
+    assert not [k for r in reports for k in r["eexist"]], "a racing create reached the caller"
+    raw = _create_race(fs, "raw", 150, f"race-{profile}")
+    print(f"{profile}: plain O_CREAT opens that failed with EEXIST in the same race: "
+          f"{sum(len(r['eexist']) for r in raw)} of {6 * 150}")

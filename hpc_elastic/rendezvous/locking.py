@@ -185,7 +185,7 @@ class ProcessFileLock:
 
     def _open(self) -> int:
         # Only this module opens the lock file (NFS: closing any descriptor drops the lock).
-        return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return open_or_create(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def _acquire_file_lock(self, deadline: float, timeout: float) -> int:
         """The locked descriptor. :class:`_StillQueued` when the wait timed out: the helper
@@ -282,3 +282,24 @@ def _unlock(fd: int, locked: bool = True) -> None:
     finally:
         with suppress(OSError):
             os.close(fd)
+
+
+#: Tries of an open that creates a file another client may be creating at the same moment.
+CREATE_TRIES = 5
+
+
+def open_or_create(path: Path, flags: int, mode: int) -> int:
+    """``os.open(path, flags | O_CREAT, mode)`` for a file that other nodes may be creating at the
+    same moment (the lock file: every node of a first round opens it at once).
+
+    POSIX says that ``O_CREAT`` without ``O_EXCL`` opens the file if it exists. A FUSE client
+    does it as a lookup and then a create, and GlusterFS fails the create with ``EEXIST`` when
+    another client created the file in between (measured: in a 16-agent first rendezvous over
+    3 GlusterFS clients one agent ended with ``FileExistsError`` on ``state.lock``). The file
+    exists then, so the next try's lookup finds it; the last try opens without ``O_CREAT``."""
+    for _ in range(CREATE_TRIES - 1):
+        try:
+            return os.open(path, flags | os.O_CREAT, mode)
+        except FileExistsError:
+            continue
+    return os.open(path, flags & ~os.O_CREAT, mode)
