@@ -20,6 +20,10 @@ Three parts, every process on this machine, directories on local disk (``tempfil
    time from the *last* agent calling ``next_rendezvous`` to the *last* one returning. The
    reference is torch's ``DynamicRendezvousHandler`` over a c10d ``TCPStore`` (``--rdzv-backend
    c10d``), measured with the same harness right after ours. Target: sharedfs <= 0.1x c10d.
+   Also printed for sharedfs: how busy the machine's CPUs were from the last arrival to the
+   end (``/proc/stat``: agents, filesystem clients and server together), and the CPU the agents
+   spent in ``next_rendezvous`` in all: near 100 % busy means the round is bound by this
+   machine's cores, not by waiting.
 2. **Kill -> training again**: 3 real ``LocalElasticAgent`` nodes (``nnodes 2:3``, 2 gloo
    workers each, the test helpers under ``tests/rendezvous_helpers``); the rank-0 node is
    SIGKILLed with its workers while training; we time until a surviving worker finished a step
@@ -119,9 +123,9 @@ def _agent(kind, roots, run_id, n, index, port, ready, finished, results) -> Non
     _enter_node(index)
     handler = _make_handler(kind, roots[index % len(roots)], run_id, n, index, port)
     ready.wait()
-    called = time.time()
+    called, cpu = time.time(), time.process_time()
     info = handler.next_rendezvous()
-    results.put((called, time.time(), info.rank))
+    results.put((called, time.time(), info.rank, time.process_time() - cpu))
     finished.wait()  # nobody closes before everyone has its result (torch would raise Closed)
     handler.shutdown()
     finished.wait()  # the c10d host keeps its TCPStore up until everyone closed
@@ -138,9 +142,12 @@ def first_rendezvous(kind: str, n: int, roots: list[str], trial: int) -> dict[st
     for p in procs:
         p.daemon = True  # never outlive the benchmark, even when it fails
         p.start()
+    busy = BusySampler()  # after the forks: a child must not inherit a thread's locks
     try:
-        rows = [results.get(timeout=120) for _ in range(n)]
+        rows = [_result(results, procs) for _ in range(n)]
+        time.sleep(0.03)  # a sample after the last agent's end
     finally:
+        busy.stop()
         for p in procs:
             p.join(30)
             if p.is_alive():
@@ -148,7 +155,59 @@ def first_rendezvous(kind: str, n: int, roots: list[str], trial: int) -> dict[st
     assert sorted(r[2] for r in rows) == list(range(n)), rows
     calls, dones = [r[0] for r in rows], [r[1] for r in rows]
     return {"last_arrival_to_all_done_s": max(dones) - max(calls),
-            "first_arrival_to_all_done_s": max(dones) - min(calls)}
+            "first_arrival_to_all_done_s": max(dones) - min(calls),
+            "agents_cpu_s": sum(r[3] for r in rows),
+            "machine_busy": busy.fraction(max(calls), max(dones))}
+
+
+def _result(results, procs, timeout: float = 120.0) -> tuple:
+    """The next agent's result; fails at once when an agent process died (the others would
+    wait for it until their join timeout)."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            died = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if died or time.monotonic() > deadline:
+                raise RuntimeError(f"no rendezvous result: agent exit codes {died}, or none "
+                                   f"within {timeout:g} s") from None
+
+
+class BusySampler:
+    """How busy the whole machine's CPUs were in a time window: ``/proc/stat``'s busy and total
+    jiffies, sampled every 5 ms by a thread. A round whose window shows the CPUs (nearly) fully
+    busy is bound by this machine's cores -- agents, filesystem clients and server together --
+    not by waiting. Coarse: a jiffy is 10 ms per core."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            idle = fields[3] + fields[4]  # idle + iowait
+            self.samples.append((time.time(), sum(fields) - idle, sum(fields)))
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def fraction(self, start: float, end: float) -> float:
+        """Busy share of all CPUs from the last sample at or before ``start`` to the first at
+        or after ``end`` (NaN without samples around the window)."""
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        if not before or not after or after[0][2] == before[-1][2]:
+            return float("nan")
+        return (after[0][1] - before[-1][1]) / (after[0][2] - before[-1][2])
 
 
 def part_first(sizes: list[int], repeats: int, roots: list[str] | None = None) -> list[dict]:
@@ -163,9 +222,13 @@ def part_first(sizes: list[int], repeats: int, roots: list[str] | None = None) -
                 ref.append(first_rendezvous("c10d", n, dirs, trial))
             a = statistics.median(r["last_arrival_to_all_done_s"] for r in ours)
             b = statistics.median(r["last_arrival_to_all_done_s"] for r in ref)
+            busy = statistics.median(r["machine_busy"] for r in ours)
+            cpu = statistics.median(r["agents_cpu_s"] for r in ours)
             rows.append({"agents": n, "sharedfs_s": a, "c10d_s": b, "ratio": a / b,
+                         "sharedfs_machine_busy": busy, "sharedfs_agents_cpu_s": cpu,
                          "sharedfs_all": ours, "c10d_all": ref})
-            print(f"{n:>6} {a:>11.3f} {b:>8.3f} {a / b:>6.2f}")
+            print(f"{n:>6} {a:>11.3f} {b:>8.3f} {a / b:>6.2f}   sharedfs: CPUs {busy:.0%} busy "
+                  f"after the last arrival, agents' CPU {cpu:.3f} s in all")
     return rows
 
 
