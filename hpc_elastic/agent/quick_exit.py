@@ -1,9 +1,10 @@
 """The agent's process ends at once after its final event, without tearing down the interpreter.
 
-Why: the agent has imported torch, and an interpreter that has imported torch spends a
-long time dismantling its modules and objects at exit -- about 0.5 s of CPU on the 2-core dev
-VM (a plain ``import torch`` process: 0.7 s from its last line to its end with a normal exit,
-0.18 s with ``os._exit``; benchmarks/bench_agent_exit.py). Nobody waits for that work to be
+Why: the agent has imported torch, and an interpreter that has imported torch spends about
+half a second dismantling its modules and objects at exit (on the 2-core dev VM, a process that
+imported what the agent imports: 0.39-0.58 s from its last line to its end with a normal exit,
+0.03 s with this function; an agent: 0.54-0.61 s from its final event to its end before, 0.01 s
+after; benchmarks/bench_agent_exit.py, docs/benchmarks.md). Nobody waits for that work to be
 done, yet everyone waits for the process to be gone: Slurm ends the node's step only then, the
 batch script of a preempted job is requeued only after its last step, and the local launcher
 relaunches only after every agent. So the teardown sits on the critical path of every requeue
