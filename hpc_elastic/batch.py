@@ -60,7 +60,7 @@ from typing import Any
 from hpc_elastic.batch_heartbeat import SupervisorHeartbeat
 from hpc_elastic.config import JobConfig
 from hpc_elastic.excluded import exclude_lost_nodes, exclude_node, excluded_names
-from hpc_elastic.identity import LAUNCH_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
+from hpc_elastic.identity import LAUNCH_ENV, LAUNCHED_ENV, RUN_ATTEMPT_ENV, RUN_ID_ENV, STEP_ENV
 from hpc_elastic.jobdir import JobDir, file_mode_in, make_dir
 from hpc_elastic.members import LEAD, publish_run_pointer, read_members, read_run_pointer
 from hpc_elastic.slurm import SlurmError, cancel, exclude_nodes, requeue, run_slurm
@@ -244,7 +244,8 @@ class Supervisor:
 
     def launch(self, node: str, launch: int = 0) -> None:
         command = srun_command(self.jobdir, self.python, node, self.generation, launch)
-        env = {**self.env, STEP_ENV: str(self.generation), LAUNCH_ENV: str(launch)}
+        env = {**self.env, STEP_ENV: str(self.generation), LAUNCH_ENV: str(launch),
+               LAUNCHED_ENV: str(len(self.nodes))}
         since = time.time() - 1.0
         proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
         self.stop.children.append(proc)

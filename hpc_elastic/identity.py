@@ -32,6 +32,10 @@ LAUNCH_ENV = "HPC_ELASTIC_LAUNCH"
 # the member's batch script and its batch supervisor (hpc_elastic/batch.py).
 RUN_ID_ENV = "HPC_ELASTIC_RUN_ID"
 RUN_ATTEMPT_ENV = "HPC_ELASTIC_RUN_ATTEMPT"
+# How many agents the batch supervisor (or the local launcher) started together with this one:
+# the rendezvous' first round completes once that many joined, without waiting for its last
+# call (hpc_elastic/rendezvous/protocol.py, maybe_complete).
+LAUNCHED_ENV = "HPC_ELASTIC_LAUNCHED_NODES"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class NodeIdentity:
     is_member: bool = False
     #: 0 for the node's first agent in this generation, then 1, 2... for each relaunch.
     launch: int = 0
+    #: Agents started together with this one (``None``: not known).
+    launched_nodes: int | None = None
 
     @property
     def rendezvous_id(self) -> str:
@@ -75,6 +81,7 @@ class NodeIdentity:
                 run_id=env.get(RUN_ID_ENV) or env["SLURM_JOB_ID"],
                 is_member=bool(env.get(RUN_ID_ENV)),
                 launch=int(env.get(LAUNCH_ENV, "0")),
+                launched_nodes=_launched(env),
             )
         node = env.get(LOCAL_NODE_NAME) or socket.gethostname()
         return cls(
@@ -84,7 +91,15 @@ class NodeIdentity:
             attempt=int(env.get(LOCAL_ATTEMPT, "0")),
             address=env.get(LOCAL_NODE_ADDR) or "127.0.0.1",
             in_slurm=False,
+            launched_nodes=_launched(env),
         )
+
+
+def _launched(env: Mapping[str, str]) -> int | None:
+    """``HPC_ELASTIC_LAUNCHED_NODES`` as a count; anything else is "not known" (set by our own
+    launchers, so a bad value only costs the last call it would have saved)."""
+    value = env.get(LAUNCHED_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _address_of(node: str) -> str:

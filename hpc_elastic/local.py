@@ -155,7 +155,7 @@ def _run_attempt(jobdir: JobDir, job_id: str, count: int, attempt: int, stop: _S
                  ) -> dict[str, int]:
     stop.agents = agents = []
     for index in range(count):
-        agents.append(_start_agent(jobdir, job_id, index, attempt))
+        agents.append(_start_agent(jobdir, job_id, index, attempt, count))
         if stop.requested:  # cancelled while starting: this one was not signalled yet
             agents[-1].send_signal(signal.SIGTERM)
     _record_agents(jobdir, attempt, agents)
@@ -175,7 +175,8 @@ def _record_agents(jobdir: JobDir, attempt: int, agents: list[subprocess.Popen])
          "agents": [rec.to_json() for rec in records if rec is not None]}) + "\n")
 
 
-def _start_agent(jobdir: JobDir, job_id: str, index: int, attempt: int) -> subprocess.Popen:
+def _start_agent(jobdir: JobDir, job_id: str, index: int, attempt: int,
+                 count: int) -> subprocess.Popen:
     env = dict(os.environ)
     for name in list(env):  # a local run inside a Slurm allocation must not look like Slurm
         if name.startswith("SLURM_"):
@@ -186,6 +187,7 @@ def _start_agent(jobdir: JobDir, job_id: str, index: int, attempt: int) -> subpr
         identity.LOCAL_NODE_INDEX: str(index),
         identity.LOCAL_ATTEMPT: str(attempt),
         identity.LOCAL_NODE_ADDR: "127.0.0.1",
+        identity.LAUNCHED_ENV: str(count),
     })
     # Each agent gets its own session: a signal is delivered to it alone, as on a real node.
     return subprocess.Popen(

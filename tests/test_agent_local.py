@@ -194,3 +194,32 @@ def test_the_console_is_short_and_leads_with_the_root_cause(
     texts = [path.read_text() for path in rank_logs]
     assert len(texts) == 4 and sum("Traceback" in text for text in texts) >= 2
     assert any("injected failure" in text and "Traceback" in text for text in texts)
+
+
+def test_the_first_round_does_not_wait_for_nodes_that_were_never_started(tmp_path: Path) -> None:
+    """``nodes: 2:3`` and 2 agents started, as a batch job given 2 of its 3 nodes: the first
+    round forms once both joined (the launchers pass ``HPC_ELASTIC_LAUNCHED_NODES``), not after
+    the last call (20 s here) spent waiting for a third node nobody started."""
+    from hpc_elastic.config import load_config
+    from hpc_elastic.submit import create_jobdir
+
+    (tmp_path / "w.py").write_text("print('trained')\n")
+    (tmp_path / "job.yaml").write_text(
+        "name: fewer\nnodes: 2:3\nnproc_per_node: 1\nentrypoint: w.py\nmax_restarts: 0\n"
+        f"job_root: {tmp_path}\nrendezvous: {{last_call_timeout: 20}}\n")
+    jobdir = JobDir(tmp_path / "job")
+    create_jobdir(load_config(tmp_path / "job.yaml"), jobdir)
+    started = time.monotonic()
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "hpc_elastic", "agent", str(jobdir.path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "HPC_ELASTIC_NODE_NAME": f"n{i}", "HPC_ELASTIC_NODE_INDEX": str(i),
+             "HPC_ELASTIC_JOB_ID": "t-fewer", "HPC_ELASTIC_LAUNCHED_NODES": "2",
+             "OMP_NUM_THREADS": "1"}) for i in range(2)]
+    outputs = [agent.communicate(timeout=120)[0] for agent in agents]
+    took = time.monotonic() - started
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    formed = [e for node in ("n0", "n1") for e in read_jsonl(jobdir.events(node))
+              if e["kind"] == "rendezvous.round_formed"]
+    assert formed and {e["reason"] for e in formed} == {"all_launched"}, formed
+    assert took < 20, f"the job took {took:.0f} s: it waited for the last call"

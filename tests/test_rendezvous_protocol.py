@@ -66,6 +66,56 @@ def test_reformation_completes_below_max_once_every_expected_node_joined():
     assert len(state.participants) == 2, "did not wait for a third node that nobody expects"
 
 
+def _join_launched(state: State, node: str, launched: int | None, leaving: int | None = None,
+                   lo: int = 2, hi: int = 4) -> list[str]:
+    return protocol.join(state, node, f"{node}.addr:1", leaving, lo, hi, launched=launched)
+
+
+def test_first_round_completes_once_every_launched_node_joined():
+    """An elastic job given 3 of its 4 nodes: nobody else is on the way, no last call."""
+    state = State()
+    assert _join_launched(state, "a", 3) == ["joined"]
+    assert _join_launched(state, "b", 3) == ["joined"], "min reached, a launched node missing"
+    assert _join_launched(state, "c", 3) == ["joined", "completed:all_launched"]
+    assert state.participants == ["a", "b", "c"]
+
+
+def test_the_launched_count_never_completes_below_min_nodes_or_without_a_count():
+    state = State()
+    _join_launched(state, "a", 1)
+    assert state.phase == JOINING, "1 launched, but min_nodes is 2"
+    _join_launched(state, "b", 1)
+    assert state.phase == COMPLETE
+    unknown = State()
+    for node in ("a", "b", "c"):
+        _join_launched(unknown, node, None)
+    assert unknown.phase == JOINING, "without a count the last call decides, as before"
+
+
+def test_a_reformed_round_waits_for_its_expected_nodes_not_for_the_launched_count():
+    """A spare joining a re-forming round must not let it complete before a live member is back:
+    the count only stands in for the expected nodes of the first round, which has none."""
+    state = State()
+    for node in ("a", "b", "c"):
+        _join_launched(state, node, 3)
+    assert state.phase == COMPLETE
+    assert _join_launched(state, "a", 3, leaving=0)[:2] == ["opened", "joined"]
+    _join_launched(state, "spare", 3)
+    _join_launched(state, "b", 3, leaving=0)
+    assert state.phase == JOINING and len(state.participants) == 3, "c is expected and alive"
+    assert _join_launched(state, "c", 3, leaving=0)[-1] == "completed:max_nodes"
+
+
+def test_folded_joins_apply_the_holders_launched_count():
+    from hpc_elastic.rendezvous.requests import JoinRequest
+
+    state = State()
+    _join_launched(state, "a", 2)
+    done, verdicts = protocol.fold(state, [JoinRequest("b", "b.addr:1", 0, None, None)], 2, 4,
+                                   launched=2)
+    assert verdicts == {"b": "joined"} and done == ["completed:all_launched"]
+
+
 def test_ranks_follow_the_previous_round_then_join_order():
     state = _formed(["a", "b"])
     state.participants = ["b", "a"]  # b was rank 0 in round 0

@@ -282,6 +282,9 @@ def _run_agent(prepared: Prepared, ending: Ending) -> int:
         close_timeout=rdzv.close_timeout,
         heartbeat_interval=rdzv.heartbeat_interval,
         heartbeat_timeout=rdzv.heartbeat_timeout,
+        # A member joins a run it did not start: the count of its own launch says nothing
+        # about the run's first round.
+        launched_nodes=None if ident.is_member else ident.launched_nodes,
     )
     ending.handler = handler
     # Fenced (cut off from the shared filesystem, or frozen, for heartbeat_timeout): the workers

@@ -213,7 +213,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
 
         def change(st: State) -> bool:
             done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes,
-                                    s.run_key)
+                                    s.run_key, s.launched_nodes)
             return bool(done)
 
         state = self._transact(change)
@@ -251,7 +251,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
 
         def change(st: State) -> bool:
             done[:] = protocol.join(st, self._node, endpoint, leaving, s.min_nodes, s.max_nodes,
-                                    s.run_key)
+                                    s.run_key, s.launched_nodes)
             return bool(done)
 
         try:
@@ -333,7 +333,7 @@ class SharedFSRendezvousHandler(RendezvousHandler):
                 logger.debug("could not list the join requests: %s", exc)
                 return changed
             did, verdicts = protocol.fold(st, [f.request for f in found], s.min_nodes,
-                                          s.max_nodes)
+                                          s.max_nodes, s.launched_nodes)
             folded_done[:] = did
             rejected[:] = bad
             settled_[:] = [(f.path, f.ident) for f in found

@@ -11,7 +11,9 @@ I/O makes the rules testable on their own and readable in one screen:
    nodes, through ``num_nodes_waiting``, to re-rendezvous.
 2. A forming round completes as soon as it has ``max_nodes``, or as soon as every expected node
    that is still alive has joined (and there are at least ``min_nodes``), or when a participant
-   has seen ``min_nodes`` for the whole last-call window on its own clock.
+   has seen ``min_nodes`` for the whole last-call window on its own clock. The run's first round
+   has no expected nodes; there, the number of nodes *launched* together (known to the batch
+   supervisor, passed as the ``launched_nodes`` setting) plays their part.
 3. Ranks follow the previous round's order (so rank 0 stays put when it can), then join order.
 4. Batched joins (:mod:`.requests`): whoever holds the lock also applies :func:`join` for every
    pending request file (:func:`fold`), so many joins cost one commit.
@@ -35,13 +37,15 @@ FOLDED = frozenset({"joined", "present"})
 
 
 def join(state: State, node: str, endpoint: str, leaving_round: int | None,
-         min_nodes: int, max_nodes: int, key: str | None = None) -> list[str]:
+         min_nodes: int, max_nodes: int, key: str | None = None,
+         launched: int | None = None) -> list[str]:
     """The one step a node in ``next_rendezvous`` takes; idempotent once it is where it belongs.
 
     ``leaving_round`` is the round this node was a member of before this call (``None`` on the
     first call); being in a complete round with that number means "I am leaving it". ``key``
     (the run key) is recorded by the first node that has one; the handler refuses to join a
     state with another key while that run lives (:func:`take_over` once it is dead).
+    ``launched``: see :func:`maybe_complete`.
     """
     if state.closed:
         return []
@@ -61,7 +65,7 @@ def join(state: State, node: str, endpoint: str, leaving_round: int | None,
             state.endpoints[node] = endpoint
             _discard(state.waiting, node)
             done.append("joined")
-            done += maybe_complete(state, min_nodes, max_nodes)
+            done += maybe_complete(state, min_nodes, max_nodes, launched)
         elif node not in state.waiting:
             state.waiting.append(node)
             done.append("waiting")
@@ -83,7 +87,7 @@ def join(state: State, node: str, endpoint: str, leaving_round: int | None,
 
 
 def fold(state: State, requests: Sequence[JoinRequest], min_nodes: int,
-         max_nodes: int) -> tuple[list[str], dict[str, str]]:
+         max_nodes: int, launched: int | None = None) -> tuple[list[str], dict[str, str]]:
     """Join every valid pending request's node, as if each had taken the lock in turn.
 
     Returns what changed in the round (``opened``, ``completed:...``, ``claimed``) and a verdict
@@ -108,7 +112,8 @@ def fold(state: State, requests: Sequence[JoinRequest], min_nodes: int,
         elif req.key is not None and state.key is not None and req.key != state.key:
             verdicts[req.node] = "foreign"
         else:
-            did = join(state, req.node, req.endpoint, req.leaving, min_nodes, max_nodes, req.key)
+            did = join(state, req.node, req.endpoint, req.leaving, min_nodes, max_nodes, req.key,
+                       launched)
             verdicts[req.node] = "joined" if did else "present"
             done += [d for d in did if d.startswith(("opened", "completed", "claimed"))]
     return done, verdicts
@@ -160,8 +165,14 @@ def open_round(state: State, node: str, endpoint: str, min_nodes: int,
     return ["opened", "joined", *maybe_complete(state, min_nodes, max_nodes)]
 
 
-def maybe_complete(state: State, min_nodes: int, max_nodes: int) -> list[str]:
-    """Complete the forming round if nobody else can be worth waiting for."""
+def maybe_complete(state: State, min_nodes: int, max_nodes: int,
+                   launched: int | None = None) -> list[str]:
+    """Complete the forming round if nobody else can be worth waiting for.
+
+    ``launched``: how many nodes were started together for the run's first round (the round
+    without expected nodes). Once that many joined, nobody else is on the way, so the round
+    completes without its last call. Later rounds wait for their expected nodes instead: a
+    spare or a ``grow`` node may have joined while a member that is still alive rejoins."""
     if state.closed or state.phase != JOINING:
         return []
     count = len(state.participants)
@@ -170,6 +181,8 @@ def maybe_complete(state: State, min_nodes: int, max_nodes: int) -> list[str]:
     joined = set(state.participants)
     if count >= min_nodes and state.expected and all(e in joined for e in state.expected):
         return [complete(state, "all_expected")]
+    if launched and not state.expected and count >= max(min_nodes, launched):
+        return [complete(state, "all_launched")]
     return []
 
 

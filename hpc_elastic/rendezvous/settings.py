@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "lock_mode": "flock",
     "attempt": None,
     "run_key": None,
+    "launched_nodes": None,
 }
 
 #: Keys torch itself puts into ``rdzv_configs`` (``LaunchConfig`` always adds ``timeout``) or
@@ -106,6 +107,12 @@ class Settings:
     #: command line; see torchrun_plugin.default_run_key). Nodes with another key find the run
     #: id taken.
     run_key: str | None = None
+    #: How many nodes were started together for this run's first round (the batch
+    #: supervisor's or the local launcher's count): that round completes as soon as that many
+    #: joined (and at least ``min_nodes``), instead of waiting the last call out for nodes that
+    #: were never started -- an elastic job given fewer than ``max_nodes`` would wait
+    #: ``last_call_timeout`` at every start and requeue. ``None``: unknown (torchrun).
+    launched_nodes: int | None = None
 
     def __post_init__(self) -> None:
         check_name(self.run_id, "run id", "the run id")
@@ -125,6 +132,18 @@ class Settings:
                     f"The rendezvous setting {key}={value!r} must be an integer "
                     "(torchrun: --nnodes=MIN:MAX)."
                 )
+        if self.launched_nodes is not None:
+            try:
+                launched = int(self.launched_nodes)
+            except (TypeError, ValueError):
+                launched = 0
+            if isinstance(self.launched_nodes, bool) or launched < 1:
+                raise SharedFSConfigError(
+                    f"The rendezvous setting launched_nodes={self.launched_nodes!r} must be a "
+                    "whole number of nodes, at least 1 (how many nodes were started together "
+                    "for the first round). Fix --rdzv-conf launched_nodes=N, or leave it out."
+                )
+            object.__setattr__(self, "launched_nodes", launched)
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
             raise SharedFSConfigError(
                 f"The node range min_nodes={self.min_nodes}, max_nodes={self.max_nodes} is "
