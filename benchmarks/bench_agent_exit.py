@@ -24,8 +24,6 @@ the agents' median over the normal-exit reference's (target: < 0.2).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import signal
 import statistics
@@ -36,7 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 PYTHON = sys.executable
+
+from hpc_elastic.telemetry import read_jsonl  # noqa: E402
 
 REFERENCE = r"""
 import sys, time
@@ -87,12 +88,8 @@ def reference_exit(how: str) -> float:
 
 
 def events(root: Path) -> list[dict]:
-    found = []
-    for path in root.glob("*/nodes/*/events.jsonl"):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):  # a line being written
-                found.append(json.loads(line))
-    return found
+    """Every node's events so far (a line still being written is skipped)."""
+    return [event for path in root.glob("*/nodes/*/events.jsonl") for event in read_jsonl(path)]
 
 
 def gone(pid: int) -> bool:
