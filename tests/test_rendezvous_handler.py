@@ -288,6 +288,16 @@ def test_run_id_that_could_escape_the_root_is_refused(tmp_path, run_id):
     assert list(tmp_path.iterdir()) == [], "nothing was created"
 
 
+@pytest.mark.parametrize("launched", ["0", "two", 2.5, True, -1])
+def test_a_launched_count_that_is_no_count_of_nodes_is_refused(tmp_path, launched):
+    message = _error(lambda: create_handler(tmp_path, "run", 1, 4, launched_nodes=launched))
+    assert "launched_nodes" in message and "--rdzv-conf launched_nodes=N" in message
+
+
+def test_a_launched_count_from_the_command_line_is_read_as_a_number(tmp_path):
+    assert create_handler(tmp_path, "run", 1, 4, launched_nodes="3").settings.launched_nodes == 3
+
+
 def test_unusable_directory_is_reported_with_the_fix(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -133,10 +133,8 @@ class Settings:
                     "(torchrun: --nnodes=MIN:MAX)."
                 )
         if self.launched_nodes is not None:
-            try:
-                launched = int(self.launched_nodes)
-            except (TypeError, ValueError):
-                launched = 0
+            text = str(self.launched_nodes)
+            launched = int(text) if text.isdigit() else 0
             if isinstance(self.launched_nodes, bool) or launched < 1:
                 raise SharedFSConfigError(
                     f"The rendezvous setting launched_nodes={self.launched_nodes!r} must be a "
