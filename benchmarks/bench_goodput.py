@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -544,12 +545,20 @@ def main() -> int:
     if args.smoke:
         # The harness worked end to end: each launcher got its fault into a running worker and
         # kept progress; hpc_elastic finished, trained again after the crash (its events show
-        # each phase of the recovery), and has a goodput.
+        # each phase of the recovery), and has a goodput -- unless no two of its epochs were
+        # seen in different polls, which a loaded machine does to a run of a few seconds (CI,
+        # 2026-11-27: the harness's first fault came 19 s late); then there is no healthy time
+        # per step to measure with, and the smoke says so instead of failing.
+        hpc = results[0]
+        unmeasured = math.isnan(hpc["step_s"])
+        if unmeasured:
+            print("smoke: hpc_elastic's time per step could not be measured (every epoch line "
+                  "was first seen in one poll): goodput not checked")
         ok = (all(r["kept_steps"] > 0 and [f["kind"] for f in r["faults"]] == ["crash"]
                   and r["faults"][0]["target"] for r in results)
-              and results[0]["state"] == "COMPLETED" and results[0]["goodput"] > 0
-              and results[0]["faults"][0]["training_again_s"] is not None
-              and "workers_started" in results[0]["faults"][0])
+              and hpc["state"] == "COMPLETED" and (hpc["goodput"] > 0 or unmeasured)
+              and hpc["faults"][0]["training_again_s"] is not None
+              and "workers_started" in hpc["faults"][0])
         return 0 if ok else 1
     return 0
 
