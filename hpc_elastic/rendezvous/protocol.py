@@ -170,7 +170,8 @@ def maybe_complete(state: State, min_nodes: int, max_nodes: int,
     """Complete the forming round if nobody else can be worth waiting for.
 
     ``launched``: how many nodes were started together for the run's first round (the round
-    without expected nodes). Once that many joined, nobody else is on the way, so the round
+    without a previous one, and so without expected nodes; a later round whose expected nodes
+    all died does not count as one). Once that many joined, nobody else is on the way, so the round
     completes without its last call. Later rounds wait for their expected nodes instead: a
     spare or a ``grow`` node may have joined while a member that is still alive rejoins."""
     if state.closed or state.phase != JOINING:
@@ -181,7 +182,8 @@ def maybe_complete(state: State, min_nodes: int, max_nodes: int,
     joined = set(state.participants)
     if count >= min_nodes and state.expected and all(e in joined for e in state.expected):
         return [complete(state, "all_expected")]
-    if launched and not state.expected and count >= max(min_nodes, launched):
+    first_round = not state.prev and not state.expected
+    if launched and first_round and count >= max(min_nodes, launched):
         return [complete(state, "all_launched")]
     return []
 
