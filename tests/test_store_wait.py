@@ -54,7 +54,7 @@ def test_the_wait_ends_right_after_the_port_opens() -> None:
     assert store_wait.wait_until_listening("127.0.0.1", port, limit_s=10) is True
     returned = time.monotonic()
     assert opened, "returned before anything listened"
-    # the pause between tries is at most 50 ms
+    # the pause between tries is at most 20 ms (+20 %) in a small group
     assert returned - opened[0] < 0.2, returned - opened[0]
 
 
@@ -65,11 +65,18 @@ def test_the_wait_gives_up_at_its_limit() -> None:
     assert 0.5 <= time.monotonic() - began < 2.0
 
 
+def test_a_large_group_tries_less_often_per_rank() -> None:
+    assert store_wait.longest_pause(4) == store_wait.longest_pause(200) == 0.02
+    assert store_wait.longest_pause(4096) == pytest.approx(0.4096)
+
+
 @pytest.mark.parametrize("env, url, expected", [
-    ({"RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://", ("n1", 29400)),
-    # torch puts the rank into the URL's query; that one counts
+    ({"RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://", ("n1", 29400, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://",
+     ("n1", 29400, 8)),
+    # torch puts the rank and the world size into the URL's query; those count
     ({"RANK": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://?rank=3&world_size=4",
-     ("n1", 29400)),
+     ("n1", 29400, 4)),
     # rank 0 opens the store itself
     ({"RANK": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://", None),
     ({"RANK": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}, "env://?rank=0", None),
@@ -83,8 +90,9 @@ def test_the_wait_gives_up_at_its_limit() -> None:
 ])
 def test_only_ranks_that_connect_to_a_worker_hosted_store_wait(
         monkeypatch: pytest.MonkeyPatch, env: dict[str, str], url: str,
-        expected: tuple[str, int] | None) -> None:
-    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE"):
+        expected: tuple[str, int, int] | None) -> None:
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "TORCHELASTIC_USE_AGENT_STORE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -10,14 +10,15 @@ ranks start within milliseconds of each other -- a warm start forks them -- so w
 is first is chance, and a restart paid that backoff most of the time.
 
 What this does: it wraps torch's ``env://`` rendezvous handler. Before a rank other than 0
-creates its store client, it tries to connect to ``MASTER_ADDR:MASTER_PORT`` every 10-50 ms and
-closes each connection it got at once (the store's server takes that as a client that left),
-then hands over to torch's own handler, unchanged. It gives up after
-:data:`MOST_WAIT_S` (or half the group's timeout, if smaller) and hands over anyway: a master
-that comes later is torch's to wait for, with torch's error if it never comes. With the agent's
-store (``TORCHELASTIC_USE_AGENT_STORE=True``) the server is up before any worker starts, so
-nothing waits. ``HPC_ELASTIC_STORE_WAIT=0`` in the job's ``env:`` turns it off (for a site whose
-firewall or monitoring objects to connections that close without a word).
+creates its store client, it tries to connect to ``MASTER_ADDR:MASTER_PORT`` every 5-20 ms
+(longer in groups of over 200 ranks, see :func:`longest_pause`) and closes each connection it
+got at once (the store's server takes that as a client that left), then hands over to torch's
+own handler, unchanged. It gives up after :data:`MOST_WAIT_S` (or half the group's timeout, if
+smaller) and hands over anyway: a master that comes later is torch's to wait for, with torch's
+error if it never comes. With the agent's store (``TORCHELASTIC_USE_AGENT_STORE=True``) the
+server is up before any worker starts, so nothing waits. ``HPC_ELASTIC_STORE_WAIT=0`` in the
+job's ``env:`` turns it off (for a site whose firewall or monitoring objects to connections
+that close without a word).
 
 Installed only where ``torch.distributed`` is already imported when the worker starts (the
 forked warm workers, whose starts are the ones measured in milliseconds): this module never
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import socket
 import sys
 import time
@@ -46,17 +48,29 @@ _MARK = "_hpc_elastic_waits_for_store"
 ENV_SWITCH = "HPC_ELASTIC_STORE_WAIT"
 #: The longest wait for rank 0's store before torch's own connect takes over.
 MOST_WAIT_S = 30.0
-#: The first pause between two tries, and the longest one (the pause grows x1.5).
-_FIRST_PAUSE_S, _LONGEST_PAUSE_S = 0.01, 0.05
+#: The first pause between two tries (it grows x1.5 up to :func:`longest_pause`).
+_FIRST_PAUSE_S = 0.005
+#: The tries per second that all ranks together may make at rank 0's host, at most on average:
+#: each refused one costs that host's kernel a reset, a few microseconds.
+_TRIES_PER_S_AT_MASTER = 10_000
 #: One try's connect timeout: a host that drops packets must not hold a try for long.
 _TRY_TIMEOUT_S = 1.0
 
 
-def wait_until_listening(host: str, port: int, limit_s: float) -> bool:
+def longest_pause(world_size: int) -> float:
+    """The longest pause between two tries of one rank: 20 ms, or longer in a group so large
+    that its ranks together would try more than :data:`_TRIES_PER_S_AT_MASTER` times a second
+    (4,096 ranks: 0.41 s)."""
+    return max(0.02, world_size / _TRIES_PER_S_AT_MASTER)
+
+
+def wait_until_listening(host: str, port: int, limit_s: float, world_size: int = 1) -> bool:
     """Try to connect to ``host:port`` until a connection is accepted (True) or ``limit_s``
-    seconds have passed (False). Every connection made is closed at once."""
+    seconds have passed (False). Every connection made is closed at once. The pauses between
+    tries grow from 5 ms to :func:`longest_pause`, each shifted by up to 20 % at random, so
+    that the ranks of a large group do not try in step."""
     deadline = time.monotonic() + limit_s
-    pause = _FIRST_PAUSE_S
+    pause, longest = _FIRST_PAUSE_S, longest_pause(world_size)
     addresses: list[Any] = []
     while True:
         if not addresses:
@@ -74,18 +88,21 @@ def wait_until_listening(host: str, port: int, limit_s: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        time.sleep(min(pause, left))
-        pause = min(pause * 1.5, _LONGEST_PAUSE_S)
+        time.sleep(min(pause * random.uniform(0.8, 1.2), left))
+        pause = min(pause * 1.5, longest)
 
 
-def _store_endpoint(url: str) -> tuple[str, int] | None:
-    """Where this rank's store client will connect, or None when it will not wait for one:
+def _store_endpoint(url: str) -> tuple[str, int, int] | None:
+    """Where this rank's store client will connect, and the group's size (1 if not known), or
+    None when it will not wait for one:
     rank 0 (it opens the store), the agent's store (open before the workers start), or an
     environment torch's handler will refuse anyway (it says why)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
     query = parse_qs(urlparse(url).query)
     rank_text = query["rank"][0] if "rank" in query else os.environ.get("RANK", "")
+    world_text = (query["world_size"][0] if "world_size" in query
+                  else os.environ.get("WORLD_SIZE", ""))
     host = os.environ.get("MASTER_ADDR", "")
     port_text = os.environ.get("MASTER_PORT", "")
     if not (rank_text.isdigit() and port_text.isdigit() and host):
@@ -93,7 +110,7 @@ def _store_endpoint(url: str) -> tuple[str, int] | None:
     port = int(port_text)
     if int(rank_text) == 0 or not 0 < port < 65536:
         return None
-    return host, port
+    return host, port, int(world_text) if world_text.isdigit() else 1
 
 
 def _waiting(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,7 +123,8 @@ def _waiting(handler: Callable[..., Any]) -> Callable[..., Any]:
                 limit = MOST_WAIT_S
                 if isinstance(timeout, timedelta):
                     limit = min(limit, timeout.total_seconds() / 2)
-                wait_until_listening(*endpoint, limit)
+                host, port, world_size = endpoint
+                wait_until_listening(host, port, limit, world_size)
         return handler(url, *args, **kwargs)
 
     setattr(env_rendezvous_handler, _MARK, True)
