@@ -9,7 +9,9 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from datetime import timedelta
@@ -127,10 +129,31 @@ def test_the_switch_leaves_torchs_handler_alone(monkeypatch: pytest.MonkeyPatch)
     assert handlers["env"] is before
 
 
-def start_late_master_group(tmp: Path, tag: str, pool: StandbyPool, delay: float,
+def test_a_cold_worker_gets_the_wait_when_its_script_imports_torch() -> None:
+    """A fresh interpreter, as a cold worker: nothing of torch is imported until the script
+    does it, and then torch's env:// handler is the waiting one."""
+    code = textwrap.dedent("""
+        import importlib, sys
+        from hpc_elastic.worker import store_wait
+        assert store_wait.install_on_import() is True
+        assert not any(name.startswith("torch") for name in sys.modules), "imported torch"
+        import torch.distributed
+        handlers = importlib.import_module("torch.distributed.rendezvous")._rendezvous_handlers
+        assert getattr(handlers["env"], "_hpc_elastic_waits_for_store", False)
+        assert handlers["tcp"] is not handlers["env"]
+        assert not any(type(f).__name__ == "_InstallAfterImport" for f in sys.meta_path)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={k: v for k, v in os.environ.items()
+                                              if k != store_wait.ENV_SWITCH})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def start_late_master_group(tmp: Path, tag: str, pool: StandbyPool | None, delay: float,
                             extra_env: dict[str, str]) -> list[dict]:
-    """Fork a 3-rank group of LATE_MASTER from the pool's standby, as a warm start does, and
-    return the ranks' lines."""
+    """Start a 3-rank group of LATE_MASTER -- forked from the pool's standby, as a warm start
+    does, or as new processes without a pool -- and return the ranks' lines."""
     out = tmp / tag
     out.mkdir()
     port = str(free_port())
@@ -140,8 +163,11 @@ def start_late_master_group(tmp: Path, tag: str, pool: StandbyPool, delay: float
             for r in range(3)}
     args = {r: ("-u", "-m", "hpc_elastic.worker", str(LATE_MASTER)) for r in range(3)}
     specs = DefaultLogsSpecs(log_dir=str(tmp / f"logs-{tag}"), redirects=Std.ALL)
-    with pool.serving():
+    if pool is None:
         ctx = start_processes("w", sys.executable, args, envs, specs)
+    else:
+        with pool.serving():
+            ctx = start_processes("w", sys.executable, args, envs, specs)
     result = None
     deadline = time.monotonic() + 120
     while result is None and time.monotonic() < deadline:
@@ -149,10 +175,17 @@ def start_late_master_group(tmp: Path, tag: str, pool: StandbyPool, delay: float
     ctx.close()
     assert result is not None, f"group {tag} did not end within 120 s"
     assert result.failures == {}, {r: Path(f.error_file).name for r, f in result.failures.items()}
-    assert pool.last_warm == [0, 1, 2]
+    if pool is not None:
+        assert pool.last_warm == [0, 1, 2]
     lines = [json.loads(x) for x in (out / "inits.jsonl").read_text().splitlines()]
     assert sorted(x["rank"] for x in lines) == [0, 1, 2]
     return lines
+
+
+def forming(lines: list[dict]) -> float:
+    """Seconds from the last rank's call of ``init_process_group`` to the last return (rank 0
+    is the last to call it, unless another rank was slower still to get there)."""
+    return max(x["returned"] for x in lines) - max(x["called"] for x in lines)
 
 
 @pytest.mark.slow
@@ -168,15 +201,26 @@ def test_forked_ranks_join_a_late_rank_0_as_soon_as_its_store_opens(tmp_path: Pa
         for trial in range(3):
             lines = start_late_master_group(tmp_path, f"wait{trial}", pool, 0.5, {})
             assert all(x["waiting_handler"] for x in lines)
-            master = next(x for x in lines if x["rank"] == 0)
-            waits.append(max(x["returned"] for x in lines) - master["called"])
+            waits.append(forming(lines))
         off = start_late_master_group(tmp_path, "off", pool, 0.5, {store_wait.ENV_SWITCH: "0"})
     finally:
         pool.close()
-    off_master = next(x for x in off if x["rank"] == 0)
-    print(f"rank 0 called init_process_group -> every rank in the group: {waits}; "
-          f"switched off: {max(x['returned'] for x in off) - off_master['called']:.3f}")
+    print(f"last call of init_process_group -> every rank in the group: {waits}; "
+          f"switched off: {forming(off):.3f}")
     assert statistics.median(waits) < 0.15, waits
     # the switch reaches the forked worker: torch's own handler
     assert not any(x["waiting_handler"] for x in off)
     assert os.environ.get(store_wait.ENV_SWITCH) is None  # the test process is left alone
+
+
+@pytest.mark.slow
+def test_cold_ranks_join_a_late_rank_0_as_soon_as_its_store_opens(tmp_path: Path) -> None:
+    """The same with workers started as new processes (``warm_workers: false``, the default):
+    each imports torch itself, and rank 0 calls ``init_process_group`` 0.5 s after its import."""
+    waits = []
+    for trial in range(3):
+        lines = start_late_master_group(tmp_path, f"cold{trial}", None, 0.5, {})
+        assert all(x["waiting_handler"] for x in lines)
+        waits.append(forming(lines))
+    print(f"last call of init_process_group -> every rank in the group: {waits}")
+    assert statistics.median(waits) < 0.15, waits

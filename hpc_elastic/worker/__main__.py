@@ -1,7 +1,7 @@
 """``python -m hpc_elastic.worker SCRIPT ARGS...`` / ``... -m MODULE ARGS...``.
 
-Installs the progress reporter (and, in a worker forked by the warm-start standby, the process
-group keeper of keep_groups.py and the store wait of store_wait.py), then runs the script as
+Installs the progress reporter, the store wait of store_wait.py (and, in a worker forked by the
+warm-start standby, the process group keeper of keep_groups.py), then runs the script as
 ``python SCRIPT ARGS`` would (``runpy``, ``__name__ == "__main__"``, ``sys.argv`` and
 ``sys.path[0]`` as Python sets them). The agent starts every worker this way.
 """
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m hpc_elastic.worker SCRIPT [ARGS...] | -m MODULE [ARGS...]")
     beat.install()
     keep_groups.install()  # forked warm workers only: see keep_groups.py
-    store_wait.install()  # forked warm workers only: see store_wait.py
+    store_wait.install_on_import()  # now in a forked warm worker, else at import torch
     try:
         _run(argv)
     except BaseException as exc:

@@ -5,9 +5,10 @@ Why: with ``init_process_group()`` (``env://``), rank 0's worker opens the group
 before rank 0 listens is refused, and torch's client then waits out a backoff before it tries
 again. Measured here (torch 2.13, 4 gloo ranks forked at once on loopback, rank 0 delayed): with
 rank 0 10-100 ms late, ``init_process_group`` returned 0.5-0.8 s after rank 0 started; with
-the ranks polling the port every 10 ms first, 0.03-0.04 s after. After every restart all the
-ranks start within milliseconds of each other -- a warm start forks them -- so whether rank 0
-is first is chance, and a restart paid that backoff most of the time.
+the ranks polling the port every 10 ms first, 0.03-0.04 s after. Whether rank 0 is first is
+chance -- a warm start forks every rank within milliseconds, a cold one has each import torch
+at its own pace -- so a start or restart paid that backoff most of the time
+(benchmarks/bench_group_start.py: 330 ms on average, 22 ms with the wait).
 
 What this does: it wraps torch's ``env://`` rendezvous handler. Before a rank other than 0
 creates its store client, it tries to connect to ``MASTER_ADDR:MASTER_PORT`` every 5-20 ms
@@ -20,15 +21,19 @@ server is up before any worker starts, so nothing waits. ``HPC_ELASTIC_STORE_WAI
 job's ``env:`` turns it off (for a site whose firewall or monitoring objects to connections
 that close without a word).
 
-Installed only where ``torch.distributed`` is already imported when the worker starts (the
-forked warm workers, whose starts are the ones measured in milliseconds): this module never
-imports torch, so a cold worker's start is unchanged.
+In a forked warm worker ``torch.distributed`` is already imported, and :func:`install` wraps the
+handler at once. A cold worker imports torch in its script, so :func:`install_on_import` waits
+for that import (an import hook that removes itself on first use): this module never imports
+torch, so the script's own import order and environment set-up stay its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import random
 import socket
@@ -36,10 +41,11 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-__all__ = ["ENV_SWITCH", "MOST_WAIT_S", "install", "wait_until_listening"]
+__all__ = ["ENV_SWITCH", "MOST_WAIT_S", "install", "install_on_import", "wait_until_listening"]
 
 _RENDEZVOUS = "torch.distributed.rendezvous"
 _MARK = "_hpc_elastic_waits_for_store"
@@ -144,4 +150,42 @@ def install() -> bool:
     if handler is None or getattr(handler, _MARK, False):
         return False
     handlers["env"] = _waiting(handler)
+    return True
+
+
+class _InstallAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when torch's rendezvous module is imported, it removes itself from
+    ``sys.meta_path``, lets the other finders find the module, and has :func:`install` run
+    right after the module's own code."""
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _RENDEZVOUS:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_and_install(module: ModuleType) -> None:
+            exec_module(module)
+            with contextlib.suppress(Exception):  # never stand between a script and torch
+                install()
+
+        loader.exec_module = exec_and_install  # type: ignore[union-attr]
+        return spec
+
+
+def install_on_import() -> bool:
+    """:func:`install` now if torch's rendezvous module is imported, else as soon as it is.
+    False if it is already wrapped, or :data:`ENV_SWITCH` is "0"."""
+    if os.environ.get(ENV_SWITCH) == "0":
+        return False
+    if _RENDEZVOUS in sys.modules:
+        return install()
+    if not any(isinstance(finder, _InstallAfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _InstallAfterImport())
     return True
