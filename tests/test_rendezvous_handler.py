@@ -188,6 +188,47 @@ def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, vic
             victim.kill()
 
 
+def test_a_killed_member_is_reported_lost_once_declared_dead(tmp_path, shutdown_later):
+    """Workers whose peer's connection closed ask whether a member is lost before the dead node
+    is declared (its connections closed at once, its heartbeat stops): the answer waits for
+    the declaration instead of calling the echo a fault."""
+    survivors = _handlers(tmp_path, 2, 2, 3, heartbeat_timeout=1.0)
+    shutdown_later(survivors)
+    ready = FORK.Event()
+    victim = FORK.Process(target=_join_then_hang, args=(str(tmp_path), ready))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("i", rendezvous_all(survivors)))
+    t.start()
+    time.sleep(0.3)
+    victim.start()
+    t.join(20)
+    try:
+        assert ready.wait(20) and {i.world_size for i in box["i"]} == {3}
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        killed = time.monotonic()
+        assert survivors[0].lost_a_member() is False  # not declared yet
+        assert survivors[0].wait_for_member_loss() is True
+        took = time.monotonic() - killed
+        # declared after heartbeat_timeout (1 s), judged every heartbeat_interval (0.1 s)
+        assert 0.5 < took < 1.0 + 2 * 0.1 + 1.5, took
+        assert survivors[0].num_nodes_waiting() >= 1  # the agent re-forms at once
+    finally:
+        if victim.is_alive():
+            victim.kill()
+
+
+def test_no_member_is_reported_lost_while_every_heartbeat_moves(tmp_path, shutdown_later):
+    """The same question when every member lives (a connection failed for another reason):
+    answered as soon as each other member's heartbeat moved, not after heartbeat_timeout."""
+    handlers = _handlers(tmp_path, 3, 3, 3, heartbeat_timeout=30)
+    shutdown_later(handlers)
+    rendezvous_all(handlers)
+    began = time.monotonic()
+    assert handlers[0].wait_for_member_loss() is False
+    assert time.monotonic() - began < 3.0  # beats every 0.1 s; 30 s + 0.2 s if it waited out
+
+
 def test_departed_node_is_not_waited_for_and_the_run_stays_open(tmp_path, shutdown_later):
     """A node whose job ends (a cancelled grow job) departs: the others re-form without it at
     once, not after heartbeat_timeout, and the run is not closed for them."""

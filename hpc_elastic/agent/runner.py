@@ -162,7 +162,10 @@ class ObservedAgent(LocalElasticAgent):
                     message=failure_message(failure.message),
                     error_file=failure.error_file or None, error_time=failure.timestamp,
                     signal=failure.signal_name() if failure.exitcode < 0 else None)
-            if self._lost_a_member(worker_group) and not self._stopping():
+            if not self._stopping() and (
+                    self._lost_a_member(worker_group)
+                    or (echoes_a_lost_peer(result.failures)
+                        and self._member_loss_comes(worker_group))):
                 # A peer of this round left (a grow job ended) or was declared dead: the
                 # failures are its echo. Reported as healthy, torch's loop sees the membership
                 # change (num_nodes_waiting > 0) and re-forms without using up a restart.
@@ -226,8 +229,28 @@ class ObservedAgent(LocalElasticAgent):
         lost = getattr(worker_group.spec.rdzv_handler, "lost_a_member", None)
         return bool(lost is not None and lost())
 
+    @staticmethod
+    def _member_loss_comes(worker_group: WorkerGroup) -> bool:
+        wait = getattr(worker_group.spec.rdzv_handler, "wait_for_member_loss", None)
+        return bool(wait is not None and wait())
+
     def _stopping(self) -> bool:
         return self.preemption is not None and self.preemption.received
+
+
+#: What a worker's error says when a peer's connection closed under it (gloo, TCPStore, NCCL),
+#: lower case.
+PEER_CONNECTION_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                        "remote process exited", "ncclremoteerror")
+
+
+def echoes_a_lost_peer(failures: dict[int, Any]) -> bool:
+    """Whether every failed rank failed because a peer's connection closed: the echo of a
+    failure elsewhere, perhaps of a whole node (see ``wait_for_member_loss`` in the rendezvous
+    handler). A rank killed by a signal, or with any other error, is a fault of its own."""
+    messages = [failure_message(f.message).lower() for f in failures.values()]
+    return bool(messages) and all(
+        any(lost in message for lost in PEER_CONNECTION_LOST) for message in messages)
 
 
 def failure_message(message: object) -> str:

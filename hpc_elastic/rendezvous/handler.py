@@ -653,6 +653,50 @@ class SharedFSRendezvousHandler(RendezvousHandler):
             self._nnw_cache = (time.monotonic(), max(1, head.nd if head else 1))
         return lost
 
+    def wait_for_member_loss(self) -> bool:
+        """Whether a member of this node's round is lost, waiting for the verdict: the agent
+        asks when its workers failed because a peer's connection closed. A node whose processes
+        were all killed closes its connections at once, so its peers' workers fail at once --
+        but it is declared dead only ``heartbeat_timeout`` later; counted as a fault, that echo
+        would use a restart (and feed the restart-storm guard) although the node is lost.
+
+        True once :meth:`lost_a_member` says so. False as soon as it cannot come: a next round
+        opened that leaves no member out (a peer restarts after its own workers' failure), or
+        the heartbeat of every other member moved (all alive: the connection failed for another
+        reason), or after ``heartbeat_timeout`` plus two ``heartbeat_interval`` (by then a dead
+        member is declared)."""
+        s = self._settings
+        round_ = self._round
+        if round_ is None:
+            return False
+        try:
+            state = self._state_file.read(at_least=0)
+        except (OSError, SharedFSRendezvousError):
+            state = None
+        others = [n for n in (state.participants if state and state.round == round_ else [])
+                  if n != self._node]
+        watcher = LivenessObserver(self._layout.heartbeats, s.heartbeat_timeout, self.fs_ops)
+        first = {n: watcher.read(n) for n in others}
+        alive: set[str] = set()
+        deadline = time.monotonic() + s.heartbeat_timeout + 2 * s.heartbeat_interval
+        while True:
+            if self.lost_a_member():
+                return True
+            try:
+                head = self._state_file.read_head()
+            except (OSError, SharedFSRendezvousError):
+                head = None
+            if head is not None and (head.closed or head.round != round_):
+                return False  # lost_a_member() above found nobody left out of the next round
+            for node in others:
+                value = watcher.read(node)
+                if value is not UNKNOWN and first[node] is not UNKNOWN and value != first[node]:
+                    alive.add(node)
+            left = deadline - time.monotonic()
+            if (others and alive == set(others)) or left <= 0:
+                return False
+            time.sleep(min(0.1, left))
+
     def _next_round_left_out_a_member(self) -> bool:
         """Another survivor was quicker: its workers failed first, and it already opened the
         next round, so the head no longer shows this node's round with its dead member. The
