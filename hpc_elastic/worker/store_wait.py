@@ -100,9 +100,9 @@ def wait_until_listening(host: str, port: int, limit_s: float, world_size: int =
 
 def _store_endpoint(url: str) -> tuple[str, int, int] | None:
     """Where this rank's store client will connect, and the group's size (1 if not known), or
-    None when it will not wait for one:
-    rank 0 (it opens the store), the agent's store (open before the workers start), or an
-    environment torch's handler will refuse anyway (it says why)."""
+    None when it will not wait for one: rank 0 (it opens the store), the agent's store (open
+    before the workers start), or an environment torch's handler will refuse anyway (it says
+    why)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
     query = parse_qs(urlparse(url).query)
@@ -164,7 +164,10 @@ class _InstallAfterImport(importlib.abc.MetaPathFinder):
             return None
         with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        except Exception:  # noqa: BLE001 - the import system then finds it as without us
+            return None
         loader = getattr(spec, "loader", None)
         exec_module = getattr(loader, "exec_module", None)
         if exec_module is None:
