@@ -146,14 +146,13 @@ def _join_then_hang(root: str, ready) -> None:
     time.sleep(120)
 
 
-@pytest.mark.parametrize("victim_rank", [0, 2])
-def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, victim_rank):
-    survivors = _handlers(tmp_path, 2, 2, 3)
-    shutdown_later(survivors)
+def _form_with_a_victim(tmp_path: Path, survivors: list, victim_first: bool):
+    """A 3-node round of ``survivors`` and a forked victim process that joins first (rank 0)
+    or last (rank 2). Returns the victim and the survivors' infos."""
     ready = FORK.Event()
     victim = FORK.Process(target=_join_then_hang, args=(str(tmp_path), ready))
-    if victim_rank == 0:
-        victim.start()  # joins first, so it gets rank 0
+    if victim_first:
+        victim.start()
         time.sleep(0.3)
         infos = rendezvous_all(survivors)
     else:
@@ -164,8 +163,18 @@ def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, vic
         victim.start()
         t.join(20)
         infos = box["i"]
+    if not ready.wait(20):
+        victim.kill()
+        raise AssertionError("the victim did not join")
+    return victim, infos
+
+
+@pytest.mark.parametrize("victim_rank", [0, 2])
+def test_dead_node_is_dropped_and_survivors_reform(tmp_path, shutdown_later, victim_rank):
+    survivors = _handlers(tmp_path, 2, 2, 3)
+    shutdown_later(survivors)
+    victim, infos = _form_with_a_victim(tmp_path, survivors, victim_first=victim_rank == 0)
     try:
-        assert ready.wait(20)
         assert {i.world_size for i in infos} == {3}
         assert sorted(i.rank for i in infos) == sorted({0, 1, 2} - {victim_rank})
         os.kill(victim.pid, signal.SIGKILL)
@@ -194,16 +203,9 @@ def test_a_killed_member_is_reported_lost_once_declared_dead(tmp_path, shutdown_
     the declaration instead of calling the echo a fault."""
     survivors = _handlers(tmp_path, 2, 2, 3, heartbeat_timeout=1.0)
     shutdown_later(survivors)
-    ready = FORK.Event()
-    victim = FORK.Process(target=_join_then_hang, args=(str(tmp_path), ready))
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("i", rendezvous_all(survivors)))
-    t.start()
-    time.sleep(0.3)
-    victim.start()
-    t.join(20)
+    victim, infos = _form_with_a_victim(tmp_path, survivors, victim_first=False)
     try:
-        assert ready.wait(20) and {i.world_size for i in box["i"]} == {3}
+        assert {i.world_size for i in infos} == {3}
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
         killed = time.monotonic()
