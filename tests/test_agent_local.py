@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,7 +181,11 @@ def test_the_console_is_short_and_leads_with_the_root_cause(
     ours = [line for line in errors if line.startswith("hpc-elastic: local")]
     # One per node whose workers failed (a node may instead re-form for the other's restart).
     assert 1 <= len(ours) <= 2 and len(errors) <= 4, result.stderr
-    assert all("failed (exit 1); restarting the workers (restart 1 of 2)" in line
+    # The failing rank exits 1. A node-mate that torch stopped when it saw that failure, before
+    # the mate's own collective error ended it, shows as -15 (SIGTERM; seen once in CI, under
+    # load): the exit codes listed are torch's, the line's form is ours.
+    assert all(re.search(r"rank\(s\) [0-9, ]+ failed \(exit [-0-9, ]*\b1\b[-0-9, ]*\); "
+                         r"restarting the workers \(restart 1 of 2\)$", line)
                for line in ours), ours
     job_id = result.stdout.split()[1]
     report = result.stdout[result.stdout.index(f"job {job_id} succeeded"):].splitlines()
